@@ -1,0 +1,1 @@
+"""Backends: one module per runtime (ONNX Runtime, OpenVINO, LiteRT, TensorRT, kernels)."""

@@ -1,0 +1,27 @@
+"""One error hierarchy for the toolchain.
+
+Every message names the value that was wrong, what was expected, and how to fix
+it. The CLI turns an ``EdgeCompressError`` into a one-line message and exit code 2
+instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class EdgeCompressError(Exception):
+    """Base class of every error the toolchain raises on purpose."""
+
+
+class ConfigError(EdgeCompressError, ValueError):
+    """A config, CLI option or YAML field has a bad value or an unknown key."""
+
+
+class DataError(EdgeCompressError, ValueError):
+    """A dataset file (COCO json, image) is missing, malformed or inconsistent."""
+
+
+class UnknownNameError(EdgeCompressError, KeyError):
+    """A registry lookup (model, backend, device, layer) matched nothing."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,1 @@
+"""numba kernels and the graph executor (a leaf: NumPy and numba only)."""
