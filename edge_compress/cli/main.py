@@ -1,0 +1,221 @@
+"""``edge-compress``: the command line. It parses arguments, builds configs and
+calls library verbs; errors the user can fix print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edge_compress.errors import EdgeCompressError
+
+
+def _add_data_synth(sub) -> None:
+    p = sub.add_parser("synth", help="generate the synthetic COCO-format detection dataset",
+                       description="Write a synthetic COCO-format detection dataset (8+ shape/colour classes, "
+                                   "1-12 objects per image, 8 px to half-image objects, occlusion, "
+                                   "textured noisy backgrounds), fully determined by --seed.")
+    p.add_argument("--out", required=True, type=Path, help="output directory (must not exist or be empty)")
+    p.add_argument("--train", type=int, default=2000, help="number of training images (default 2000)")
+    p.add_argument("--val", type=int, default=300, help="number of validation images (default 300)")
+    p.add_argument("--size", type=int, default=320, help="image side in pixels (default 320)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.set_defaults(func=cmd_data_synth)
+
+
+def cmd_data_synth(a) -> int:
+    from edge_compress.data.synth import generate_synthetic
+
+    paths = generate_synthetic(a.out, num_train=a.train, num_val=a.val, image_size=a.size, seed=a.seed,
+                               overwrite=a.overwrite)
+    print(f"wrote {a.train} train + {a.val} val images to {paths.root}")
+    return 0
+
+
+def cmd_zoo_list(a) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edge_compress.models import list_detectors, zoo_entry
+
+    t = Table("model", "family", "defaults", "description")
+    for name in list_detectors(a.pattern):
+        e = zoo_entry(name)
+        t.add_row(name, e.family, ", ".join(f"{k}={v}" for k, v in e.defaults.items()), e.description)
+    Console().print(t)
+    return 0
+
+
+def cmd_zoo_summary(a) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edge_compress.models import create_detector, summarize
+
+    opts = {"input_size": a.input_size, "num_classes": a.num_classes}
+    if a.width_mult is not None:
+        opts["width_mult"] = a.width_mult
+    model = create_detector(a.name, **opts)
+    s = summarize(model)
+    console = Console()
+    if a.layers:
+        t = Table("layer", "type", "output", "params", "MACs", "FLOPs")
+        for r in s.layers:
+            t.add_row(r.name, r.kind, "x".join(map(str, r.out_shape[1:])), f"{r.params:,}", f"{r.macs:,}",
+                      f"{r.flops:,}")
+        console.print(t)
+    spec = model.input_spec
+    console.print(f"[bold]{a.name}[/] ({model.family}): {s.params_m:.3f} M params, {s.macs / 1e9:.3f} GMACs, "
+                  f"{s.gflops:.3f} GFLOPs at {spec.height}x{spec.width}, {model.num_classes} classes")
+    console.print(f"input: {spec.layout} {spec.color} x{spec.scale:.5f} mean={spec.mean} std={spec.std}, "
+                  f"letterbox pad {spec.pad_value}; strides {list(model.strides)}; "
+                  f"head '{model.post.head}', {len(model.priors())} priors")
+    if a.json:
+        print(json.dumps({"model": a.name, "family": model.family, "params": s.params, "macs": s.macs,
+                          "flops": s.flops, "input_spec": spec.to_dict(), "strides": list(model.strides)}))
+    return 0
+
+
+def _train_config(a):
+    import yaml
+
+    from edge_compress.train import TrainConfig
+
+    base = {}
+    if a.config:
+        path = Path(a.config)
+        if not path.is_file():
+            raise EdgeCompressError(f"--config '{path}' does not exist")
+        base = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(base, dict):
+            raise EdgeCompressError(f"{path}: expected a mapping of training options")
+    for key in ("epochs", "batch_size", "lr", "optimizer", "seed", "workers", "eval_every"):
+        v = getattr(a, key)
+        if v is not None:
+            base[key] = v
+    return TrainConfig.from_dict(base, source=str(a.config or "training options"))
+
+
+def cmd_train(a) -> int:
+    from edge_compress.eval.coco_eval import EvalResult, format_stats
+    from edge_compress.pipeline import train_detector
+
+    _threads(a)
+    opts = {} if a.width_mult is None else {"width_mult": a.width_mult}
+    out = a.out or Path("runs") / a.model
+    _, result = train_detector(a.model, a.data, _train_config(a), out, input_size=a.input_size,
+                               model_options=opts, resume=a.resume, progress=not a.no_progress)
+    print(f"trained {a.model} for {result.epochs_run} epoch(s) in {result.train_s:.0f} s; checkpoints in {out}")
+    if result.metrics:
+        print("val: " + format_stats(EvalResult(**result.metrics)))
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from edge_compress.eval.coco_eval import format_stats
+    from edge_compress.io import write_json_atomic
+    from edge_compress.pipeline import evaluate_checkpoint
+
+    _threads(a)
+    r = evaluate_checkpoint(a.checkpoint, a.data, a.split)
+    print(f"{a.checkpoint} on {a.data} [{a.split}, {r.num_images} images]: {format_stats(r)}")
+    if a.json:
+        write_json_atomic(a.json, r.to_dict())
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from edge_compress.demo import run_demo
+
+    _threads(a)
+    return run_demo(a.out, a.models, a.epochs, a.train_images, a.val_images, progress=not a.no_progress)
+
+
+def _threads(a) -> None:
+    if getattr(a, "threads", None):
+        import torch
+
+        torch.set_num_threads(a.threads)
+
+
+def _add_train_args(p) -> None:
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
+    p.add_argument("--eval-every", dest="eval_every", type=int, help="evaluate every N epochs (0: at the end)")
+    p.add_argument("--config", help="YAML file of training options (TrainConfig fields); flags override it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-compress", description=(
+        "Compress, export, profile and fit compact object detectors for edge devices."))
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    demo = verbs.add_parser("demo", help="the main job on the embedded default: generate data, train, evaluate")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--models", nargs="+", default=["picodet_s"], help="zoo models to train (default picodet_s)")
+    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--train-images", type=int, default=600)
+    demo.add_argument("--val-images", type=int, default=150)
+    demo.add_argument("--threads", type=int)
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    data = verbs.add_parser("data", help="datasets").add_subparsers(dest="data_verb", required=True, metavar="VERB")
+    _add_data_synth(data)
+
+    zoo = verbs.add_parser("zoo", help="the detector zoo").add_subparsers(dest="zoo_verb", required=True,
+                                                                           metavar="VERB")
+    p = zoo.add_parser("list", help="list zoo detectors")
+    p.add_argument("pattern", nargs="?", default="*", help="glob on model names, e.g. 'ssd*'")
+    p.set_defaults(func=cmd_zoo_list)
+    p = zoo.add_parser("summary", help="params, MACs and FLOPs per layer and in total")
+    p.add_argument("name")
+    p.add_argument("--input-size", type=int, default=320)
+    p.add_argument("--num-classes", type=int, default=80)
+    p.add_argument("--width-mult", type=float)
+    p.add_argument("--layers", action="store_true", help="print the per-layer table")
+    p.add_argument("--json", action="store_true", help="also print one JSON line")
+    p.set_defaults(func=cmd_zoo_summary)
+
+    p = verbs.add_parser("train", help="train a zoo detector on a COCO-format dataset")
+    p.add_argument("--model", required=True, help="zoo name (see `edge-compress zoo list`)")
+    p.add_argument("--data", required=True, help="dataset directory or data YAML (see README)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/MODEL)")
+    p.add_argument("--input-size", type=int, default=320)
+    p.add_argument("--width-mult", type=float)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("eval", help="COCO mAP of a checkpoint (pycocotools)")
+    p.add_argument("checkpoint", help="a .pt file written by `edge-compress train`")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeCompressError as e:
+        print(f"edge-compress: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edge-compress: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
