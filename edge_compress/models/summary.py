@@ -56,6 +56,7 @@ class ModelSummary:
 
 
 def _layer_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+    """MACs for ONE image of the batch."""
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         oc, oh, ow = out.shape[1], out.shape[2], out.shape[3]
@@ -81,7 +82,7 @@ def summarize(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> M
             rows.append(LayerStats(
                 name, type(module).__name__, tuple(inputs[0].shape), tuple(output.shape),
                 sum(p.numel() for p in module.parameters(recurse=False)),
-                _layer_macs(module, inputs[0], output) // input_shape[0]))
+                _layer_macs(module, inputs[0], output)))
         return fn
 
     for name, module in model.named_modules():
