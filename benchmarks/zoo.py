@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/bench_zoo"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, help="override every family's epoch count")
+    ap.add_argument("--device", default="cpu", help="torch device for training (the goal is stated for cpu)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     n_train, n_val, size = (96, 32, 320) if args.quick else (2000, 300, 320)
@@ -46,9 +47,11 @@ def main(argv=None) -> int:
     for fam in args.families:
         model, cfg = FULL[fam]
         epochs = args.epochs or (1 if args.quick else cfg.epochs)
-        cfg = TrainConfig(**{**cfg.to_dict(), "epochs": epochs, "warmup_iters": min(cfg.warmup_iters, 2 if args.quick else cfg.warmup_iters)})
+        cfg = TrainConfig(**{**cfg.to_dict(), "epochs": epochs,
+                             "warmup_iters": 2 if args.quick else cfg.warmup_iters})
         print(f"== {fam}: {model}, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}", flush=True)
-        r = train_and_score(model, data, cfg, fresh_dir(args.out / "runs" / model), size, progress=sys.stdout.isatty())
+        r = train_and_score(model, data, cfg, fresh_dir(args.out / "runs" / model), size, progress=sys.stdout.isatty(),
+                            device=args.device)
         rows[fam] = {"model": model, "params_m": r.params_m, "gflops": r.gflops, "train_s": r.train_s,
                      "epochs": cfg.epochs, **{k: round(r.metrics.get(k, 0.0), 4)
                                              for k in ("ap", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")}}

@@ -62,7 +62,7 @@ def fresh_dir(base: Path) -> Path:
 
 def train_detector(model_name: str, data: str | Path, cfg: TrainConfig, out_dir: str | Path,
                    input_size: int = 320, model_options: dict[str, Any] | None = None,
-                   resume: bool = False, progress: bool = True) -> tuple[Any, TrainResult]:
+                   resume: bool = False, progress: bool = True, device: str = "cpu") -> tuple[Any, TrainResult]:
     """Build ``model_name`` for the classes of ``data`` and train it; returns (model, result)."""
     size = (input_size, input_size)
     train_ds = open_split(data, "train", size, augment=True, seed=cfg.seed)
@@ -70,7 +70,7 @@ def train_detector(model_name: str, data: str | Path, cfg: TrainConfig, out_dir:
     torch.manual_seed(cfg.seed)  # model initialisation
     model = create_detector(model_name, class_names=train_ds.class_names, input_size=input_size,
                             **(model_options or {}))
-    result = train(model, train_ds, cfg, out_dir, val_data=val_ds, resume=resume, progress=progress)
+    result = train(model, train_ds, cfg, out_dir, val_data=val_ds, resume=resume, progress=progress, device=device)
     return model, result
 
 
@@ -98,10 +98,11 @@ class ZooRow:
 
 
 def train_and_score(model_name: str, data: str | Path, cfg: TrainConfig, out_dir: str | Path,
-                    input_size: int = 320, progress: bool = True) -> ZooRow:
+                    input_size: int = 320, progress: bool = True, device: str = "cpu") -> ZooRow:
     """Train one zoo model, evaluate it, and return a table row (params, GFLOPs, AP,
     training wall time without evaluation)."""
-    model, result = train_detector(model_name, data, cfg, out_dir, input_size=input_size, progress=progress)
-    s = summarize(model)
+    model, result = train_detector(model_name, data, cfg, out_dir, input_size=input_size, progress=progress,
+                                   device=device)
+    s = summarize(model.cpu())
     return ZooRow(model_name, model.family, round(s.params_m, 3), round(s.gflops, 3),
                   round(result.train_s, 1), result.metrics or {})

@@ -29,7 +29,7 @@ def torch_predictor(model, score_thresh: float = EVAL_SCORE_THRESH) -> Predictor
     """A predictor running ``model`` in torch and the shared NumPy post-process."""
 
     def predict(images_u8: np.ndarray) -> list[Detections]:
-        x = torch.from_numpy(normalize(images_u8, model.input_spec))
+        x = torch.from_numpy(normalize(images_u8, model.input_spec)).to(model.priors_t.device)
         return model.predict(x, score_thresh=score_thresh)
 
     return predict

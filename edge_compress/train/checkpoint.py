@@ -19,13 +19,13 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         torch.save({"version": CHECKPOINT_VERSION, **state}, tmp)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint '{path}' does not exist; pass the .pt file written by "
                           "`edge-compress train` (runs/<name>/best.pt or last.pt)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a truncated or foreign file
         raise ConfigError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {e}); "
                           "is it a file written by `edge-compress train`?") from e

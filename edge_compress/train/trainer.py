@@ -64,8 +64,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 def normalize_batch(images: torch.Tensor, spec) -> torch.Tensor:
     x = images.float() * spec.scale
     if any(spec.mean) or any(s != 1.0 for s in spec.std):
-        mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-        std = torch.tensor(spec.std).view(1, 3, 1, 1)
+        mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
         x = (x - mean) / std
     return x
 
@@ -117,10 +117,12 @@ def _check_resume(ckpt: dict, model, cfg: TrainConfig, path: Path) -> None:
 
 
 def train(model, train_data, cfg: TrainConfig, out_dir: str | Path, val_data=None,
-          resume: bool = False, progress: bool = True, stop_after_epochs: int | None = None) -> TrainResult:
+          resume: bool = False, progress: bool = True, stop_after_epochs: int | None = None,
+          device: str = "cpu") -> TrainResult:
     """Train ``model`` in place; checkpoints go to ``out_dir/last.pt`` (every epoch)
     and ``out_dir/best.pt`` (best validation AP). ``stop_after_epochs`` ends the
-    run early without changing the schedule (used to test resume)."""
+    run early without changing the schedule (used to test resume). ``device`` is
+    a torch device ("cpu", or "cuda" where a GPU is at hand to train faster)."""
     out_dir = Path(out_dir)
     last = out_dir / "last.pt"
     if last.exists() and not resume:
@@ -129,11 +131,12 @@ def train(model, train_data, cfg: TrainConfig, out_dir: str | Path, val_data=Non
     if len(train_data) < cfg.batch_size:
         raise ConfigError(f"training set has {len(train_data)} images, fewer than batch_size={cfg.batch_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device)
     opt = build_optimizer(model, cfg)
     ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau) if cfg.ema else None
     start_epoch, history, best_ap, train_s = 0, [], -1.0, 0.0
     if resume and last.exists():
-        ckpt = read_checkpoint(last)
+        ckpt = read_checkpoint(last, map_location=device)
         _check_resume(ckpt, model, cfg, last)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -187,7 +190,9 @@ def _train_epoch(model, ema, opt, data, cfg, epoch, steps_per_epoch, total_steps
         step = epoch * steps_per_epoch + i
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total_steps, cfg)
-        loss, parts = model.loss(model(normalize_batch(images, model.input_spec)), targets)
+        device = model.priors_t.device
+        x = normalize_batch(images.to(device, non_blocking=True), model.input_spec)
+        loss, parts = model.loss(model(x), [t.to(device) for t in targets])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{model.name}: loss became {loss.item()} at epoch {epoch} step {i}; "
                                      "lower --lr or check the dataset's boxes")
