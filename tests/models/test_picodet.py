@@ -16,16 +16,6 @@ from edge_compress.models.picodet import (PicoDet, assign_atss, assign_tal, buil
                                           quality_focal_loss)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors run faster on one thread, and two processes sharing 2 cores with 2
-    OpenMP threads each were seen to slow these tests down 30-fold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _targets():
     return [torch.tensor([[0.0, 10, 12, 50, 60], [2.0, 70, 20, 120, 100]]),
             torch.tensor([[1.0, 30, 40, 90, 80]])]

@@ -13,16 +13,6 @@ from edge_compress.models.yolo_tiny import (STRIDES, YoloTinyDetector, assign_yo
                                             scaled_anchors)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and a 2-thread OpenMP pool on a
-    2-core machine shared with another process was seen to slow these tests 100-fold."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _targets():
     return [torch.tensor([[1.0, 10, 12, 40, 50], [0.0, 60, 20, 90, 44]]),
             torch.tensor([[2.0, 30, 52, 70, 90]])]
