@@ -301,16 +301,6 @@ def _random_rect(rng: np.random.Generator, size: int) -> tuple[slice, slice]:
     return slice(int(y0), int(min(y0 + h, size))), slice(int(x0), int(min(x0 + w, size)))
 
 
-def _add_blobs(img: np.ndarray, rng: np.random.Generator, size: int) -> None:
-    axis = np.arange(size, dtype=np.float32)
-    for _ in range(int(rng.integers(0, 5))):
-        cx, cy = rng.uniform(0, size, 2)
-        sigma = rng.uniform(0.05, 0.25) * size
-        g = np.exp(-((axis - cy) ** 2) / (2 * sigma ** 2))[:, None] \
-            * np.exp(-((axis - cx) ** 2) / (2 * sigma ** 2))[None, :]
-        img += g[..., None] * rng.uniform(-60, 60, 3).astype(np.float32)
-
-
 def _add_stripes(img: np.ndarray, rng: np.random.Generator, size: int) -> None:
     if rng.random() > 0.5:
         return
