@@ -25,3 +25,15 @@ class UnknownNameError(EdgeCompressError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class BackendUnavailableError(EdgeCompressError, RuntimeError):
+    """A backend's runtime or SDK is not installed or cannot run here; the message says how to install it."""
+
+
+class ArtifactError(EdgeCompressError, ValueError):
+    """An artifact (or a model file inside it) is missing, corrupt, tampered with or already exists."""
+
+
+class ExportValidationError(EdgeCompressError, RuntimeError):
+    """An exported model disagrees with the source model beyond the tolerance; nothing was written."""

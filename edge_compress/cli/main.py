@@ -116,13 +116,42 @@ def cmd_train(a) -> int:
 def cmd_eval(a) -> int:
     from edge_compress.eval.coco_eval import format_stats
     from edge_compress.io import write_json_atomic
-    from edge_compress.pipeline import evaluate_checkpoint
 
     _threads(a)
-    r = evaluate_checkpoint(a.checkpoint, a.data, a.split)
+    if Path(a.checkpoint).is_dir():  # an artifact folder: mAP through its own runtime
+        from edge_compress.export import evaluate_artifact
+
+        r = evaluate_artifact(a.checkpoint, a.data, a.split, threads=a.threads or 1)
+    else:
+        from edge_compress.pipeline import evaluate_checkpoint
+
+        r = evaluate_checkpoint(a.checkpoint, a.data, a.split)
     print(f"{a.checkpoint} on {a.data} [{a.split}, {r.num_images} images]: {format_stats(r)}")
     if a.json:
         write_json_atomic(a.json, r.to_dict())
+    return 0
+
+
+def cmd_export(a) -> int:
+    from edge_compress.eval.coco_eval import EvalResult, format_stats
+    from edge_compress.export import export_checkpoint
+
+    _threads(a)
+    art = export_checkpoint(a.checkpoint, a.backend, a.out, data=a.data, split=a.split, threads=a.threads or 1)
+    v = art.manifest["validation"]
+    print(f"exported {a.checkpoint} for {art.backend} {art.manifest['backend']['runtime_version']} to {art.path} "
+          f"(matches torch: relative error {v['rel_error']:.2g} <= {v['tolerance']:g})")
+    m = art.manifest["metrics"].get("map")
+    if m:
+        print("mAP through the runtime: " + format_stats(EvalResult(**{k: v for k, v in m.items() if k != "split"})))
+    return 0
+
+
+def cmd_run(a) -> int:
+    from edge_compress.runtime import run_images
+
+    written = run_images(a.artifact, a.images, a.out_dir, score_thresh=a.score_thresh, threads=a.threads or 1)
+    print(f"wrote detections for {len(a.images)} image(s) to {a.out_dir} ({len(written)} files)")
     return 0
 
 
@@ -195,13 +224,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = verbs.add_parser("eval", help="COCO mAP of a checkpoint (pycocotools)")
-    p.add_argument("checkpoint", help="a .pt file written by `edge-compress train`")
+    p = verbs.add_parser("eval", help="COCO mAP of a checkpoint or an artifact (pycocotools)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_ARTIFACT",
+                   help="a .pt file written by `edge-compress train`, or an artifact directory "
+                                      "written by `edge-compress export` (scored through its own runtime)")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--json", type=Path, help="also write the metrics to this JSON file")
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_eval)
+
+    from edge_compress.backends import list_backends
+
+    p = verbs.add_parser("export", help="a validated deployable artifact for one backend")
+    p.add_argument("checkpoint", help="a .pt file written by `edge-compress train`")
+    p.add_argument("--backend", required=True, help=f"one of: {', '.join(list_backends())}")
+    p.add_argument("--out", required=True, type=Path, help="artifact directory to create (must not exist)")
+    p.add_argument("--data", help="dataset to measure mAP through the runtime and record it in the manifest")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--threads", type=int, help="threads for torch and the runtime")
+    p.set_defaults(func=cmd_export)
+
+    p = verbs.add_parser("run", help="detect objects in images with an artifact (JSON + drawn boxes)")
+    p.add_argument("artifact", help="an artifact directory written by `edge-compress export`")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out-dir", dest="out_dir", type=Path, default=Path("detections"),
+                   help="where <image stem>.json and <image stem>.png go (default ./detections)")
+    p.add_argument("--score-thresh", dest="score_thresh", type=float, default=0.25)
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_run)
     return parser
 
 

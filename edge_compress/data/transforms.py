@@ -88,6 +88,14 @@ def unletterbox_boxes(boxes_xyxy: np.ndarray, scale: float, pad_x: float, pad_y:
     return out
 
 
+def normalize(images_u8: np.ndarray, spec) -> np.ndarray:
+    """uint8 (N, 3, H, W) -> float32 network input per the InputSpec (NumPy, no torch)."""
+    x = images_u8.astype(np.float32) * np.float32(spec.scale)
+    mean = np.asarray(spec.mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(spec.std, np.float32).reshape(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 # ----------------------------------------------------------------------------- augment
 @dataclass(frozen=True)
 class AugmentConfig:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from edge_compress.data.transforms import normalize  # noqa: F401  (re-exported; NumPy only)
 from edge_compress.eval.coco_eval import EvalResult, evaluate_coco, to_coco_results
 from edge_compress.models.postprocess import Detections, unletterbox
 
@@ -15,14 +16,6 @@ from edge_compress.models.postprocess import Detections, unletterbox
 EVAL_SCORE_THRESH = 0.01
 
 Predictor = Callable[[np.ndarray], list[Detections]]
-
-
-def normalize(images_u8: np.ndarray, spec) -> np.ndarray:
-    """uint8 (N, 3, H, W) -> float32 network input per the InputSpec (NumPy, no torch)."""
-    x = images_u8.astype(np.float32) * np.float32(spec.scale)
-    mean = np.asarray(spec.mean, np.float32).reshape(1, 3, 1, 1)
-    std = np.asarray(spec.std, np.float32).reshape(1, 3, 1, 1)
-    return (x - mean) / std
 
 
 def torch_predictor(model, score_thresh: float = EVAL_SCORE_THRESH) -> Predictor:
