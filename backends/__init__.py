@@ -14,6 +14,7 @@ from edge_compress.errors import BackendUnavailableError, UnknownNameError
 # name -> (module under edge_compress.backends, class); modules load on first use.
 _BACKENDS: dict[str, tuple[str, str]] = {
     "onnxruntime": ("ort", "OnnxRuntimeBackend"),
+    "openvino": ("ov", "OpenVinoBackend"),
 }
 
 __all__ = ["Backend", "LayerTiming", "Runner", "get_backend", "list_backends"]

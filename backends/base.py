@@ -35,7 +35,8 @@ class LayerTiming:
 
 class Backend(Protocol):
     name: str
-    model_file: str      # the model file's name inside an artifact folder
+    model_file: str      # the model file's name inside an artifact folder (the entry file, e.g.
+                         # OpenVINO's model.xml, when a backend writes several)
     install_hint: str    # how to install the runtime, quoted by every "not available" error
 
     def available(self) -> tuple[bool, str]:

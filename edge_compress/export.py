@@ -63,12 +63,13 @@ def validate(model, runner: Runner, tol: float = FP32_REL_TOL) -> dict[str, Any]
             "rel_error": err, "tolerance": tol, "passed": True}
 
 
-def _metrics(model, model_path: Path) -> dict[str, Any]:
+def _metrics(model, model_dir: Path) -> dict[str, Any]:
+    """``model_bytes`` counts every file the backend wrote (OpenVINO: model.xml + model.bin)."""
     from edge_compress.models import summarize
 
     s = summarize(model)
     return {"params": int(s.params), "macs": int(s.macs), "flops": int(s.flops),
-            "model_bytes": model_path.stat().st_size}
+            "model_bytes": sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())}
 
 
 def _manifest(model, backend: Backend, model_path: Path, source_sha256: str, recipe: dict[str, Any],
@@ -107,7 +108,7 @@ def export_model(model, backend: str, out: str | os.PathLike, *, source_sha256: 
         model_path = be.export(model, tmp)
         runner = be.load(tmp, threads)
         validation = validate(model, runner)
-        metrics = _metrics(model, model_path)
+        metrics = _metrics(model, tmp)
         if dataset is not None:
             metrics["map"] = _runtime_map(model, be, runner, dataset, tmp, recipe, source, validation)
         return _manifest(model, be, model_path, source, recipe, validation, metrics)

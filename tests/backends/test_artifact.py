@@ -84,8 +84,17 @@ def test_unknown_and_unavailable_backends(monkeypatch):
         get_backend("onnxruntime")
 
 
-def test_reading_and_running_an_artifact_imports_no_torch(artifact, small_model, tmp_path):
+@pytest.fixture(params=["onnxruntime", "openvino"])
+def device_artifact(request, artifact, small_model, tmp_path_factory):
+    if request.param == "onnxruntime":
+        return artifact
+    pytest.importorskip("openvino")
+    return export_model(small_model, "openvino", tmp_path_factory.mktemp("ov") / "art")
+
+
+def test_reading_and_running_an_artifact_imports_no_torch(device_artifact, small_model, tmp_path):
     """The device side: load + verify + run + post-process without torch in sys.modules."""
+    artifact = device_artifact
     x = np.random.default_rng(3).random((1, 3, 64, 64), dtype=np.float32)
     with torch.no_grad():
         ref = small_model(torch.from_numpy(x)).numpy()

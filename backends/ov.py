@@ -1,0 +1,137 @@
+"""OpenVINO backend, fp32 on the CPU plugin.
+
+The IR (``model.xml`` + ``model.bin``) comes from OpenVINO's own converter run on
+the ONNX file of ``onnx_export``; that ONNX is written to a temporary folder and
+never enters the artifact. Weights are saved in fp32 (``compress_to_fp16=False``)
+and the CPU plugin is told to infer in f32, since on CPUs with bf16/fp16 support
+it would otherwise pick a lower precision on its own.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_compress.backends.base import LayerTiming
+from edge_compress.errors import ArtifactError, BackendUnavailableError, ConfigError
+
+CONV_TYPES = ("Convolution", "GroupConvolution")   # GroupConvolution: depthwise and grouped convs
+_PRECISION = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "i8": "int8", "u8": "int8"}
+
+
+class OpenVinoBackend:
+    name = "openvino"
+    model_file = "model.xml"       # the topology; OpenVINO reads its weights from model.bin beside it
+    install_hint = "pip install 'edge-compress[openvino]' (export also needs the onnx extra)"
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import openvino  # noqa: F401
+        except ImportError as e:
+            return False, f"openvino cannot be imported ({e}); install it with: {self.install_hint}"
+        return True, ""
+
+    def runtime_version(self) -> str:
+        import openvino
+
+        return openvino.get_version()
+
+    def export(self, model: Any, out_dir: Path) -> Path:
+        import openvino as ov
+
+        from edge_compress.backends.onnx_export import export_onnx
+
+        xml = Path(out_dir) / self.model_file
+        with tempfile.TemporaryDirectory(prefix="ov_export_") as tmp:
+            onnx_path = export_onnx(model, Path(tmp) / "model.onnx")
+            ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+        return xml
+
+    def layer_precision(self, model_path: Path) -> dict[str, str]:
+        """Per conv node of the IR: the element type of its weights, read through a
+        ``Convert`` (how OpenVINO stores compressed fp16 weights) when there is one."""
+        return {op.get_friendly_name(): _weight_precision(op) for op in _read(Path(model_path)).get_ordered_ops()
+                if op.get_type_name() in CONV_TYPES}
+
+    def load(self, artifact_dir: Path, threads: int = 1) -> "OpenVinoRunner":
+        return OpenVinoRunner(Path(artifact_dir) / self.model_file, threads)
+
+    def profile_layers(self, artifact_dir: Path, x: np.ndarray, repeats: int = 20, warmup: int = 3,
+                       threads: int = 1) -> list[LayerTiming]:
+        if repeats < 1 or warmup < 0:
+            raise ConfigError(f"profile: repeats={repeats} must be >= 1 and warmup={warmup} >= 0")
+        runner = OpenVinoRunner(Path(artifact_dir) / self.model_file, threads, perf_count=True)
+        runs = []
+        for i in range(warmup + repeats):
+            runner(x[:1])
+            if i >= warmup:
+                runs.append(runner.request.get_profiling_info())
+        return perf_counts_to_timings(runs)
+
+
+class OpenVinoRunner:
+    """One compiled model and infer request; batches larger than the model's static batch run image by image."""
+
+    def __init__(self, path: Path, threads: int = 1, perf_count: bool = False):
+        import openvino as ov
+
+        model = _read(Path(path))
+        config = {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": "f32",
+                  "PERF_COUNT": bool(perf_count)}
+        self.compiled = ov.Core().compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        batch = model.inputs[0].get_partial_shape()[0]
+        self.batch = batch.get_length() if batch.is_static else None
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        self.request.infer({0: x})
+        return self.request.get_output_tensor(0).data.copy()  # the tensor is reused by the next infer
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.batch is None or x.shape[0] == self.batch:
+            return self._run(x)
+        step = self.batch
+        return np.concatenate([self._run(x[i:i + step]) for i in range(0, x.shape[0], step)])
+
+
+def perf_counts_to_timings(runs: list[list[Any]]) -> list[LayerTiming]:
+    """Per-run ``ProfilingInfo`` lists -> per-node median ``real_time`` in us, in execution order.
+
+    Nodes with status NOT_RUN were fused into a neighbour by the plugin and
+    take no time of their own; they are left out.
+    """
+    times: dict[tuple[str, str], list[float]] = {}
+    for infos in runs:
+        for p in infos:
+            if str(p.status).endswith("NOT_RUN"):
+                continue
+            times.setdefault((p.node_name, p.node_type), []).append(p.real_time.total_seconds() * 1e6)
+    return [LayerTiming(name, op, float(statistics.median(ts)), len(ts)) for (name, op), ts in times.items()]
+
+
+def _read(xml: Path):
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise BackendUnavailableError(f"openvino is not installed ({e}); install it with: "
+                                      f"{OpenVinoBackend.install_hint}") from e
+    if not xml.is_file() or not xml.with_suffix(".bin").is_file():
+        raise ArtifactError(f"OpenVINO model '{xml}' or its weights '{xml.with_suffix('.bin').name}' do not exist")
+    try:
+        return ov.Core().read_model(str(xml))
+    except Exception as e:  # OpenVINO raises RuntimeError for bad XML and short .bin files alike
+        raise ArtifactError(f"openvino cannot read '{xml}' ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                            "the file is corrupt or truncated: export it again") from e
+
+
+def _weight_precision(conv) -> str:
+    weights = conv.input_value(1).get_node()
+    if weights.get_type_name() == "Convert":
+        weights = weights.input_value(0).get_node()
+    etype = weights.get_output_element_type(0).get_type_name()
+    return _PRECISION.get(etype, etype)

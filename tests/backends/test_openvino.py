@@ -1,0 +1,121 @@
+"""OpenVINO fp32: every zoo family converts to IR and matches torch; per-layer profile; CLI round trip."""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ov = pytest.importorskip("openvino")
+
+from edge_compress.artifact import MANIFEST, sha256_file  # noqa: E402
+from edge_compress.backends import get_backend  # noqa: E402
+from edge_compress.cli.main import main  # noqa: E402
+from edge_compress.errors import ArtifactError, ConfigError  # noqa: E402
+from edge_compress.export import FP32_REL_TOL, export_model, relative_error  # noqa: E402
+from edge_compress.models import create_detector  # noqa: E402
+
+FAMILIES = ["yolo_tiny", "picodet_s", "ssdlite_mbv2", "ssdlite_mbv3"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_exports_and_matches_torch(name, tmp_path):
+    torch.manual_seed(1)
+    model = create_detector(name, num_classes=5, input_size=64).eval()
+    art = export_model(model, "openvino", tmp_path / "art")
+
+    m = art.manifest
+    assert m["backend"] == {"name": "openvino", "runtime_version": ov.get_version()}
+    assert m["model_file"] == "model.xml"
+    assert sorted(m["files"]) == ["model.bin", "model.xml"]  # the intermediate ONNX is not kept
+    assert sorted(p.name for p in art.path.iterdir()) == [MANIFEST, "model.bin", "model.xml"]
+    assert m["metrics"]["model_bytes"] == sum((art.path / f).stat().st_size for f in m["files"])
+    assert m["validation"]["rel_error"] <= FP32_REL_TOL
+
+    # an input independent of the export's own validation input, batch of 2 (run image by image)
+    x = np.random.default_rng(7).random((2, 3, 64, 64), dtype=np.float32) * 2 - 0.5
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    out = get_backend("openvino").load(art.path)(x)
+    assert out.shape == ref.shape == (2, len(model.priors()), model.post.channels)
+    assert relative_error(ref, out) <= FP32_REL_TOL
+    # untrained heads output nearly the same for any image: check the part that depends on the input too
+    assert relative_error(ref[1] - ref[0], out[1] - out[0]) <= FP32_REL_TOL
+
+    # one precision entry per conv of the IR (depthwise ones are GroupConvolution), all fp32
+    ir = ov.Core().read_model(str(art.path / "model.xml"))
+    convs = [op.get_friendly_name() for op in ir.get_ordered_ops()
+             if op.get_type_name() in ("Convolution", "GroupConvolution")]
+    assert len(convs) == sum(isinstance(mod, torch.nn.Conv2d) for mod in model.modules())
+    assert set(m["precision"]) == set(convs) and set(m["precision"].values()) == {"fp32"}
+
+
+@pytest.fixture(scope="module")
+def small_artifact(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_detector("ssdlite_mbv2", num_classes=3, input_size=64).eval()
+    return export_model(model, "openvino", tmp_path_factory.mktemp("ov") / "art")
+
+
+def test_real_profile_of_an_exported_detector(small_artifact):
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    timings = get_backend("openvino").profile_layers(small_artifact.path, x, repeats=5, warmup=2)
+    assert timings and all(t.samples == 5 and t.median_us >= 0 for t in timings)
+    convs = [t for t in timings if t.op_type in ("Convolution", "GroupConvolution")]
+    assert convs and all(t.median_us > 0 for t in convs)
+    assert {t.name for t in convs} <= set(small_artifact.manifest["precision"])  # IR names, not invented ones
+    with pytest.raises(ConfigError, match="repeats"):
+        get_backend("openvino").profile_layers(small_artifact.path, x, repeats=0)
+
+
+@pytest.mark.parametrize("victim", ["model.xml", "model.bin"])
+def test_truncated_ir_is_a_clear_error(small_artifact, tmp_path, victim):
+    bad = shutil.copytree(small_artifact.path, tmp_path / "bad")
+    (bad / victim).write_bytes((bad / victim).read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match="corrupt or truncated"):
+        get_backend("openvino").load(bad)
+    (bad / "model.bin").unlink()
+    with pytest.raises(ArtifactError, match="do not exist"):
+        get_backend("openvino").load(bad)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_synth, tmp_path_factory):
+    from edge_compress.pipeline import open_split
+    from edge_compress.train import TrainConfig, train
+
+    ds = open_split(tiny_synth, "train", (64, 64), augment=True, seed=0)
+    torch.manual_seed(0)
+    model = create_detector("yolo_tiny", class_names=ds.class_names, input_size=64, width_mult=0.25)
+    out = tmp_path_factory.mktemp("run")
+    train(model, ds, TrainConfig(epochs=1, batch_size=8, lr=2e-3, warmup_iters=2, ema=False), out, progress=False)
+    return out / "last.pt"
+
+
+def test_cli_export_then_eval(checkpoint, tiny_synth, tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["export", str(checkpoint), "--backend", "openvino", "--out", str(out),
+                 "--data", str(tiny_synth)]) == 0
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["backend"]["name"] == "openvino" and m["source_model_sha256"] == sha256_file(checkpoint)
+    assert main(["eval", str(checkpoint), "--data", str(tiny_synth), "--json", str(tmp_path / "t.json")]) == 0
+    assert main(["eval", str(out), "--data", str(tiny_synth), "--json", str(tmp_path / "o.json")]) == 0
+    via_torch = json.loads((tmp_path / "t.json").read_text())
+    via_ov = json.loads((tmp_path / "o.json").read_text())
+    assert via_ov["num_images"] == via_torch["num_images"] == 8
+    assert via_ov["num_detections"] == via_torch["num_detections"] == m["metrics"]["map"]["num_detections"]
+    for key in ("ap", "ap50", "ar100"):
+        assert via_ov[key] == pytest.approx(via_torch[key], abs=1e-3)
+    assert via_ov["ap"] == pytest.approx(m["metrics"]["map"]["ap"], abs=1e-9)
+
+
+def test_missing_openvino_says_how_to_install(monkeypatch):
+    from edge_compress.errors import BackendUnavailableError
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import now fails as if not installed
+    ok, why = get_backend("openvino", require_available=False).available()
+    assert not ok and "pip install 'edge-compress[openvino]'" in why
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'edge-compress\[openvino\]'"):
+        get_backend("openvino")
