@@ -18,3 +18,18 @@ def tiny_synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth") / "data"
     generate_synthetic(root, num_train=24, num_val=8, image_size=64, seed=3)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_synth, tmp_path_factory):
+    """A yolo_tiny (width 0.25, 64 px) trained for one epoch on ``tiny_synth``: last.pt."""
+    from edge_compress.models import create_detector
+    from edge_compress.pipeline import open_split
+    from edge_compress.train import TrainConfig, train
+
+    ds = open_split(tiny_synth, "train", (64, 64), augment=True, seed=0)
+    torch.manual_seed(0)
+    model = create_detector("yolo_tiny", class_names=ds.class_names, input_size=64, width_mult=0.25)
+    out = tmp_path_factory.mktemp("run")
+    train(model, ds, TrainConfig(epochs=1, batch_size=8, lr=2e-3, warmup_iters=2, ema=False), out, progress=False)
+    return out / "last.pt"

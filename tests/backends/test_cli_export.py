@@ -4,43 +4,30 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from edge_compress.artifact import MANIFEST, sha256_file
 from edge_compress.cli.main import main
-from edge_compress.models import create_detector
 from edge_compress.pipeline import open_split
-from edge_compress.train import TrainConfig, train
 
 LOW = 1e-4  # one epoch of training leaves every score near 1e-3
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_synth, tmp_path_factory):
-    ds = open_split(tiny_synth, "train", (64, 64), augment=True, seed=0)
-    torch.manual_seed(0)
-    model = create_detector("yolo_tiny", class_names=ds.class_names, input_size=64, width_mult=0.25)
-    out = tmp_path_factory.mktemp("run")
-    train(model, ds, TrainConfig(epochs=1, batch_size=8, lr=2e-3, warmup_iters=2, ema=False), out, progress=False)
-    return out / "last.pt"
-
-
-@pytest.fixture(scope="module")
-def exported(checkpoint, tiny_synth, tmp_path_factory):
+def exported(tiny_checkpoint, tiny_synth, tmp_path_factory):
     out = tmp_path_factory.mktemp("exp") / "art"
-    assert main(["export", str(checkpoint), "--backend", "onnxruntime", "--out", str(out),
+    assert main(["export", str(tiny_checkpoint), "--backend", "onnxruntime", "--out", str(out),
                  "--data", str(tiny_synth)]) == 0
     return out
 
 
-def test_export_records_source_hash_and_map(exported, checkpoint):
+def test_export_records_source_hash_and_map(exported, tiny_checkpoint):
     m = json.loads((exported / MANIFEST).read_text())
-    assert m["source_model_sha256"] == sha256_file(checkpoint)
+    assert m["source_model_sha256"] == sha256_file(tiny_checkpoint)
     assert m["metrics"]["map"]["num_images"] == 8 and 0.0 <= m["metrics"]["map"]["ap"] <= 1.0
 
 
-def test_eval_artifact_matches_checkpoint(exported, checkpoint, tiny_synth, tmp_path, capsys):
-    assert main(["eval", str(checkpoint), "--data", str(tiny_synth), "--json", str(tmp_path / "t.json")]) == 0
+def test_eval_artifact_matches_checkpoint(exported, tiny_checkpoint, tiny_synth, tmp_path, capsys):
+    assert main(["eval", str(tiny_checkpoint), "--data", str(tiny_synth), "--json", str(tmp_path / "t.json")]) == 0
     assert main(["eval", str(exported), "--data", str(tiny_synth), "--json", str(tmp_path / "o.json")]) == 0
     via_torch = json.loads((tmp_path / "t.json").read_text())
     via_ort = json.loads((tmp_path / "o.json").read_text())
@@ -53,7 +40,7 @@ def test_eval_artifact_matches_checkpoint(exported, checkpoint, tiny_synth, tmp_
     assert via_ort["num_detections"] == manifest_map["num_detections"]
 
 
-def test_runtime_detections_match_torch(exported, checkpoint, tiny_synth):
+def test_runtime_detections_match_torch(exported, tiny_checkpoint, tiny_synth):
     """Beyond mAP (zero after one epoch, scores ~1e-3): the same boxes and scores image by image,
     at a threshold low enough to keep hundreds of detections."""
     import numpy as np
@@ -65,7 +52,7 @@ def test_runtime_detections_match_torch(exported, checkpoint, tiny_synth):
 
     ds = open_split(tiny_synth, "val", (64, 64))
     art = load_artifact(exported)
-    a = predict_dataset(torch_predictor(load_detector(checkpoint), score_thresh=LOW), ds)
+    a = predict_dataset(torch_predictor(load_detector(tiny_checkpoint), score_thresh=LOW), ds)
     b = predict_dataset(artifact_predictor(art, open_runner(art), score_thresh=LOW), ds)
     assert a.keys() == b.keys() and sum(len(d) for d in a.values()) > 0
     for k in a:
@@ -97,16 +84,16 @@ def test_run_writes_json_and_drawn_image(exported, tiny_synth, tmp_path, capsys)
     assert n_dets > 0
 
 
-def test_unknown_backend_lists_choices(checkpoint, tmp_path, capsys):
-    assert main(["export", str(checkpoint), "--backend", "tensorrtx", "--out", str(tmp_path / "a")]) == 2
+def test_unknown_backend_lists_choices(tiny_checkpoint, tmp_path, capsys):
+    assert main(["export", str(tiny_checkpoint), "--backend", "tensorrtx", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "unknown backend 'tensorrtx'" in err and "onnxruntime" in err
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_refuses_existing_target(exported, checkpoint, capsys):
+def test_export_refuses_existing_target(exported, tiny_checkpoint, capsys):
     before = sha256_file(exported / MANIFEST)
-    assert main(["export", str(checkpoint), "--backend", "onnxruntime", "--out", str(exported)]) == 2
+    assert main(["export", str(tiny_checkpoint), "--backend", "onnxruntime", "--out", str(exported)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert sha256_file(exported / MANIFEST) == before
 

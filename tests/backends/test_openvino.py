@@ -81,26 +81,13 @@ def test_truncated_ir_is_a_clear_error(small_artifact, tmp_path, victim):
         get_backend("openvino").load(bad)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_synth, tmp_path_factory):
-    from edge_compress.pipeline import open_split
-    from edge_compress.train import TrainConfig, train
-
-    ds = open_split(tiny_synth, "train", (64, 64), augment=True, seed=0)
-    torch.manual_seed(0)
-    model = create_detector("yolo_tiny", class_names=ds.class_names, input_size=64, width_mult=0.25)
-    out = tmp_path_factory.mktemp("run")
-    train(model, ds, TrainConfig(epochs=1, batch_size=8, lr=2e-3, warmup_iters=2, ema=False), out, progress=False)
-    return out / "last.pt"
-
-
-def test_cli_export_then_eval(checkpoint, tiny_synth, tmp_path, capsys):
+def test_cli_export_then_eval(tiny_checkpoint, tiny_synth, tmp_path, capsys):
     out = tmp_path / "art"
-    assert main(["export", str(checkpoint), "--backend", "openvino", "--out", str(out),
+    assert main(["export", str(tiny_checkpoint), "--backend", "openvino", "--out", str(out),
                  "--data", str(tiny_synth)]) == 0
     m = json.loads((out / MANIFEST).read_text())
-    assert m["backend"]["name"] == "openvino" and m["source_model_sha256"] == sha256_file(checkpoint)
-    assert main(["eval", str(checkpoint), "--data", str(tiny_synth), "--json", str(tmp_path / "t.json")]) == 0
+    assert m["backend"]["name"] == "openvino" and m["source_model_sha256"] == sha256_file(tiny_checkpoint)
+    assert main(["eval", str(tiny_checkpoint), "--data", str(tiny_synth), "--json", str(tmp_path / "t.json")]) == 0
     assert main(["eval", str(out), "--data", str(tiny_synth), "--json", str(tmp_path / "o.json")]) == 0
     via_torch = json.loads((tmp_path / "t.json").read_text())
     via_ov = json.loads((tmp_path / "o.json").read_text())
