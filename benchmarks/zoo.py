@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -49,8 +50,7 @@ def main(argv=None) -> int:
     for fam in args.families:
         model, cfg = FULL[fam]
         epochs = args.epochs or (1 if args.quick else cfg.epochs)
-        cfg = TrainConfig(**{**cfg.to_dict(), "epochs": epochs,
-                             "warmup_iters": 2 if args.quick else cfg.warmup_iters})
+        cfg = replace(cfg, epochs=epochs, warmup_iters=2 if args.quick else cfg.warmup_iters)
         print(f"== {fam}: {model}, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}", flush=True)
         r = train_and_score(model, data, cfg, fresh_dir(args.out / "runs" / model), size, progress=sys.stdout.isatty(),
                             device=args.device)
