@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from edge_compress.backends.base import Backend, LayerTiming, Runner
+from edge_compress.backends.base import Backend, ExportSource, LayerTiming, Runner
 from edge_compress.errors import BackendUnavailableError, UnknownNameError
 
 # name -> (module under edge_compress.backends, class); modules load on first use.
@@ -17,7 +17,7 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "openvino": ("ov", "OpenVinoBackend"),
 }
 
-__all__ = ["Backend", "LayerTiming", "Runner", "get_backend", "list_backends"]
+__all__ = ["Backend", "ExportSource", "LayerTiming", "Runner", "get_backend", "list_backends"]
 
 
 def list_backends() -> list[str]:

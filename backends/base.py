@@ -7,7 +7,7 @@ search. Its SDK is imported inside the methods, so listing backends and asking
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,11 +33,36 @@ class LayerTiming:
     samples: int
 
 
+@dataclass(frozen=True)
+class ExportSource:
+    """What a backend turns into its artifact files.
+
+    ``onnx`` is the graph to deploy: the fp32 graph, or for int8 the QDQ graph the
+    export flow materialised from the shared calibration table in the backend's
+    ``qdq_activations`` format. ``fp32_onnx`` is always the float graph. ``model`` is
+    the torch detector when there is one (None for a user's ONNX file), for
+    converters that start from torch. ``calibration`` (tensor -> (lo, hi) of the
+    fp32 graph) and ``calibration_inputs`` (float32 ``(1, C, H, W)`` arrays) are there
+    for converters that must place the same ranges in their own graph.
+    """
+
+    onnx: Path
+    fp32_onnx: Path
+    precision: str = "fp32"                      # "fp32" | "int8"
+    model: Any | None = None
+    calibration: dict[str, tuple[float, float]] | None = None
+    calibration_inputs: tuple[np.ndarray, ...] = field(default=(), repr=False)
+    keep_fp32: tuple[str, ...] = ()              # ONNX node names left in float (int8 only)
+
+
 class Backend(Protocol):
     name: str
     model_file: str      # the model file's name inside an artifact folder (the entry file, e.g.
                          # OpenVINO's model.xml, when a backend writes several)
     install_hint: str    # how to install the runtime, quoted by every "not available" error
+    precisions: tuple[str, ...]   # what export() accepts: ("fp32", "int8")
+    qdq_activations: str          # int8 graphs it wants: "asymmetric" (uint8 + zero point) or
+                                  # "symmetric" (int8, zero point 0: TensorRT)
 
     def available(self) -> tuple[bool, str]:
         """(True, "") when the runtime can load and run models here, else (False, why + how to install)."""
@@ -45,8 +70,8 @@ class Backend(Protocol):
     def runtime_version(self) -> str:
         """The runtime's version string, recorded in the manifest."""
 
-    def export(self, model: Any, out_dir: Path) -> Path:
-        """Write ``model`` (a zoo Detector) as ``out_dir / model_file``; returns that path."""
+    def export(self, source: ExportSource, out_dir: Path) -> Path:
+        """Write ``source`` as ``out_dir / model_file`` (plus any side files); returns that path."""
 
     def layer_precision(self, model_path: Path) -> dict[str, str]:
         """Per-layer precision of an exported model file, keyed by the layer's node name."""

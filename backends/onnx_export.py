@@ -78,3 +78,17 @@ def check_onnx(path: Path):
 def conv_node_names(path: Path) -> list[str]:
     """Names of the Conv nodes of an ONNX file, in graph order."""
     return [n.name for n in check_onnx(path).graph.node if n.op_type == "Conv"]
+
+
+def compute_node_precision(path: Path) -> dict[str, str]:
+    """Conv/Gemm/MatMul node -> "int8" when its input and weight both come through a
+    DequantizeLinear of 8-bit data (a QDQ group the runtime fuses), else "fp32"."""
+    graph = check_onnx(path).graph
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def dequantized(tensor: str) -> bool:
+        n = producer.get(tensor)
+        return n is not None and n.op_type == "DequantizeLinear"
+
+    return {n.name: "int8" if len(n.input) > 1 and dequantized(n.input[0]) and dequantized(n.input[1]) else "fp32"
+            for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}

@@ -1,8 +1,14 @@
-"""ONNX Runtime backend, fp32 on the CPU execution provider."""
+"""ONNX Runtime backend on the CPU execution provider: fp32, and int8 from a QDQ graph.
+
+The artifact's model.onnx is the graph as given: ORT itself fuses each
+DequantizeLinear -> op -> QuantizeLinear group of a QDQ graph into its integer
+kernels (QLinearConv and friends) when the session is created.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -10,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_compress.backends.base import LayerTiming
+from edge_compress.backends.base import ExportSource, LayerTiming
 from edge_compress.errors import ArtifactError, BackendUnavailableError, ConfigError
 
 
@@ -18,6 +24,8 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
     model_file = "model.onnx"
     install_hint = "pip install 'edge-compress[onnx]' (onnx, onnxruntime, onnxscript)"
+    precisions = ("fp32", "int8")
+    qdq_activations = "asymmetric"
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -31,15 +39,18 @@ class OnnxRuntimeBackend:
 
         return onnxruntime.__version__
 
-    def export(self, model: Any, out_dir: Path) -> Path:
-        from edge_compress.backends.onnx_export import export_onnx
+    def export(self, source: ExportSource, out_dir: Path) -> Path:
+        from edge_compress.backends.onnx_export import check_onnx
 
-        return export_onnx(model, Path(out_dir) / self.model_file)
+        target = Path(out_dir) / self.model_file
+        shutil.copyfile(source.onnx, target)
+        check_onnx(target)
+        return target
 
     def layer_precision(self, model_path: Path) -> dict[str, str]:
-        from edge_compress.backends.onnx_export import conv_node_names
+        from edge_compress.backends.onnx_export import compute_node_precision
 
-        return {name: "fp32" for name in conv_node_names(model_path)}
+        return compute_node_precision(model_path)
 
     def load(self, artifact_dir: Path, threads: int = 1) -> "OrtRunner":
         return OrtRunner(Path(artifact_dir) / self.model_file, threads)

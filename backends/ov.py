@@ -1,8 +1,10 @@
-"""OpenVINO backend, fp32 on the CPU plugin.
+"""OpenVINO backend on the CPU plugin: fp32, and int8 from a QDQ graph.
 
 The IR (``model.xml`` + ``model.bin``) comes from OpenVINO's own converter run on
-the ONNX file of ``onnx_export``; that ONNX is written to a temporary folder and
-never enters the artifact. Weights are saved in fp32 (``compress_to_fp16=False``)
+the source ONNX graph, which never enters the artifact. A QDQ graph converts to
+FakeQuantize nodes, which the CPU plugin executes with int8 kernels (its
+low-precision transformations); the per-layer precision reported is then the
+plugin's runtime precision of each convolution. Weights are saved in fp32 (``compress_to_fp16=False``)
 and the CPU plugin is told to infer in f32, since on CPUs with bf16/fp16 support
 it would otherwise pick a lower precision on its own.
 """
@@ -10,13 +12,12 @@ it would otherwise pick a lower precision on its own.
 from __future__ import annotations
 
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_compress.backends.base import LayerTiming
+from edge_compress.backends.base import ExportSource, LayerTiming
 from edge_compress.errors import ArtifactError, BackendUnavailableError, ConfigError
 
 CONV_TYPES = ("Convolution", "GroupConvolution")   # GroupConvolution: depthwise and grouped convs
@@ -27,6 +28,8 @@ class OpenVinoBackend:
     name = "openvino"
     model_file = "model.xml"       # the topology; OpenVINO reads its weights from model.bin beside it
     install_hint = "pip install 'edge-compress[openvino]' (export also needs the onnx extra)"
+    precisions = ("fp32", "int8")
+    qdq_activations = "asymmetric"
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -40,22 +43,29 @@ class OpenVinoBackend:
 
         return openvino.get_version()
 
-    def export(self, model: Any, out_dir: Path) -> Path:
+    def export(self, source: ExportSource, out_dir: Path) -> Path:
         import openvino as ov
 
-        from edge_compress.backends.onnx_export import export_onnx
-
         xml = Path(out_dir) / self.model_file
-        with tempfile.TemporaryDirectory(prefix="ov_export_") as tmp:
-            onnx_path = export_onnx(model, Path(tmp) / "model.onnx")
-            ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+        ov.save_model(ov.convert_model(str(source.onnx)), str(xml), compress_to_fp16=False)
         return xml
 
     def layer_precision(self, model_path: Path) -> dict[str, str]:
-        """Per conv node of the IR: the element type of its weights, read through a
-        ``Convert`` (how OpenVINO stores compressed fp16 weights) when there is one."""
-        return {op.get_friendly_name(): _weight_precision(op) for op in _read(Path(model_path)).get_ordered_ops()
-                if op.get_type_name() in CONV_TYPES}
+        """Per conv node of the IR: the precision the CPU plugin runs it in (``runtimePrecision``
+        of the compiled model's node that absorbed it), falling back to the weights' element
+        type when the plugin does not report the node."""
+        import openvino as ov
+
+        ir = _read(Path(model_path))
+        compiled = ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
+        runtime: dict[str, str] = {}
+        for op in compiled.get_runtime_model().get_ordered_ops():
+            rt = op.get_rt_info()
+            if "runtimePrecision" in rt and "originalLayersNames" in rt:
+                for name in rt["originalLayersNames"].astype(str).split(","):
+                    runtime.setdefault(name, rt["runtimePrecision"].astype(str))
+        return {op.get_friendly_name(): _PRECISION.get(runtime.get(op.get_friendly_name(), ""), _weight_precision(op))
+                for op in ir.get_ordered_ops() if op.get_type_name() in CONV_TYPES}
 
     def load(self, artifact_dir: Path, threads: int = 1) -> "OpenVinoRunner":
         return OpenVinoRunner(Path(artifact_dir) / self.model_file, threads)

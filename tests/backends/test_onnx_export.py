@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edge_compress.backends import get_backend
-from edge_compress.backends.onnx_export import check_onnx, conv_node_names
+from edge_compress.backends.onnx_export import check_onnx, conv_node_names, export_onnx
 from edge_compress.export import FP32_REL_TOL, export_model, relative_error
 from edge_compress.models import create_detector
 
@@ -46,7 +46,7 @@ def test_truncated_onnx_is_a_clear_error(tmp_path):
     from edge_compress.errors import ArtifactError
 
     model = create_detector("yolo_tiny", num_classes=3, input_size=64, width_mult=0.25)
-    path = get_backend("onnxruntime").export(model, tmp_path)
+    path = export_onnx(model, tmp_path / "model.onnx")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ArtifactError, match="corrupt or truncated"):
         check_onnx(path)
