@@ -285,7 +285,7 @@ def _int8_source(subject, be, quant, fp32_onnx: Path, calib_set, work: Path, tmp
     keep = resolve_layers(quant.keep_fp32, conv_node_names(fp32_onnx), subject.module_map(fp32_onnx))
     symmetric = be.qdq_activations == "symmetric"
     qdq = quantize_onnx(fp32_onnx, table, work / "int8.onnx", keep_fp32=keep, per_channel=quant.per_channel,
-                        symmetric_activations=symmetric)
+                        symmetric_activations=symmetric, quantize_outputs=quant.quantize_outputs)
     (tmp / CALIBRATION_FILE).write_text(json.dumps(table.to_dict(), indent=1) + "\n")
     src = ExportSource(onnx=qdq.path, fp32_onnx=fp32_onnx, precision="int8",
                        model=subject.model if subject.is_torch else None, calibration=dict(table.ranges),

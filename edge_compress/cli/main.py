@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from edge_compress.errors import EdgeCompressError
+from edge_compress.errors import ConfigError, EdgeCompressError
 
 
 def _add_data_synth(sub) -> None:
@@ -132,18 +132,54 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def _quant_config(a):
+    """The int8 settings of `export`, or None for fp32 (any quant flag without --int8 is an error)."""
+    from edge_compress.quant import QuantConfig
+
+    given = {k: getattr(a, k) for k in ("calibrator", "calib_images", "percentile", "keep_fp32") if getattr(a, k)}
+    if not a.int8:
+        if given or a.quantize_outputs or a.per_tensor:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ConfigError(f"{flags or 'int8 options'} only apply to int8 exports: add --int8")
+        return None
+    d = {"calibrator": a.calibrator or "percentile", "keep_fp32": tuple(a.keep_fp32 or ()),
+         "quantize_outputs": a.quantize_outputs, "per_channel": not a.per_tensor}
+    if a.calib_images:
+        d["num_images"] = a.calib_images
+    if a.percentile:
+        d["percentile"] = a.percentile
+    return QuantConfig(**d)
+
+
 def cmd_export(a) -> int:
+    import warnings
+
     from edge_compress.eval.coco_eval import EvalResult, format_stats
-    from edge_compress.export import export_checkpoint
+    from edge_compress.export import INT8_MIN_SQNR_DB, Int8SlowerWarning, export_checkpoint
 
     _threads(a)
-    art = export_checkpoint(a.checkpoint, a.backend, a.out, data=a.data, split=a.split, threads=a.threads or 1)
-    v = art.manifest["validation"]
-    print(f"exported {a.checkpoint} for {art.backend} {art.manifest['backend']['runtime_version']} to {art.path} "
-          f"(matches torch: relative error {v['rel_error']:.2g} <= {v['tolerance']:g})")
-    m = art.manifest["metrics"].get("map")
-    if m:
-        print("mAP through the runtime: " + format_stats(EvalResult(**{k: v for k, v in m.items() if k != "split"})))
+    quant = _quant_config(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Int8SlowerWarning)  # printed below from the manifest
+        art = export_checkpoint(a.checkpoint, a.backend, a.out, data=a.data, split=a.split, threads=a.threads or 1,
+                                quant=quant, min_sqnr_db=a.min_sqnr if a.min_sqnr is not None else INT8_MIN_SQNR_DB)
+    m, v = art.manifest, art.manifest["validation"]
+    check = (f"matches its reference: relative error {v['rel_error']:.2g} <= {v['tolerance']:g}" if "rel_error" in v
+             else f"int8 SQNR {v['sqnr_db']:.1f} dB >= {v['min_sqnr_db']:g} dB")
+    print(f"exported {a.checkpoint} for {art.backend} {m['backend']['runtime_version']} to {art.path} ({check})")
+    if "runtime" in v:
+        print(f"  checked with {v['runtime']}")
+    lat = m["metrics"].get("latency_check")
+    if lat:
+        print(f"  int8 {lat['int8_p50_ms']:.2f} ms vs fp32 {lat['fp32_p50_ms']:.2f} ms p50 on this machine "
+              f"({lat['threads']} thread(s)): x{lat['int8_speedup']:.2f}")
+    for label, key in (("fp32", "map_fp32"), ("int8" if quant else "", "map")):
+        r = m["metrics"].get(key)
+        if r:
+            stats = format_stats(EvalResult(**{k: x for k, x in r.items() if k != "split"}))
+            print(f"mAP through the runtime{' (' + label + ')' if label else ''}: {stats}")
+    for w in m.get("warnings", []):
+        print(f"WARNING: {w}", file=sys.stderr)
     return 0
 
 
@@ -236,13 +272,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     from edge_compress.backends import list_backends
 
-    p = verbs.add_parser("export", help="a validated deployable artifact for one backend")
+    p = verbs.add_parser("export", help="a validated deployable artifact for one backend (fp32 or int8)")
     p.add_argument("checkpoint", help="a .pt file written by `edge-compress train`")
     p.add_argument("--backend", required=True, help=f"one of: {', '.join(list_backends())}")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to create (must not exist)")
-    p.add_argument("--data", help="dataset to measure mAP through the runtime and record it in the manifest")
-    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--data", help="dataset: mAP through the runtime goes in the manifest; int8 calibrates on it")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="split scored for mAP")
     p.add_argument("--threads", type=int, help="threads for torch and the runtime")
+    q = p.add_argument_group("int8 post-training quantization")
+    q.add_argument("--int8", action="store_true", help="int8 weights (per channel) and activations (per tensor)")
+    q.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"],
+                   help="activation range calibrator (default percentile)")
+    q.add_argument("--calib-images", dest="calib_images", type=int,
+                   help="calibration images from the train split (default 64)")
+    q.add_argument("--percentile", type=float, help="for --calibrator percentile (default 99.99)")
+    q.add_argument("--keep-fp32", dest="keep_fp32", action="append", metavar="LAYER",
+                   help="keep this layer in fp32 (a module name from `zoo summary NAME --layers` or an ONNX "
+                        "node name); repeatable")
+    q.add_argument("--quantize-outputs", dest="quantize_outputs", action="store_true",
+                   help="quantize the head's output convs too (kept fp32 by default)")
+    q.add_argument("--per-tensor", dest="per_tensor", action="store_true", help="per-tensor weight scales")
+    q.add_argument("--min-sqnr", dest="min_sqnr", type=float, help="refuse the export below this head-output "
+                   "SQNR in dB against fp32 (default 20)")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("run", help="detect objects in images with an artifact (JSON + drawn boxes)")

@@ -15,6 +15,15 @@ anchor order; priors are ``cx, cy, w, h, stride`` in input pixels):
   ``0..R`` (softmax) for the left/top/right/bottom distances in stride units.
 * ``ssd``   (default boxes, SSD encoding with variances): ``K = 4 + 1 + C`` =
   ``dx, dy, dw, dh``, background logit, class logits (softmax over ``1 + C``).
+
+Two more for detectors exported elsewhere, whose graphs decode boxes themselves:
+
+* ``yolo_af`` (anchor-free YOLO, e.g. YOLOv8 as exported by Ultralytics): ``K = 4 + C`` =
+  ``cx, cy, w, h`` in input pixels, class probabilities; one prior per cell of each stride.
+* ``raw``   (already decoded): ``K = 4 + C`` = ``x1, y1, x2, y2`` in input pixels, class
+  probabilities; any number of rows (no priors).
+
+``channels_first`` reads a ``(N, K, P)`` output (Ultralytics' layout) as ``(N, P, K)``.
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ import numpy as np
 
 from edge_compress.errors import ConfigError
 
-HEADS = ("yolo", "gfl", "ssd")
+HEADS = ("yolo", "gfl", "ssd", "yolo_af", "raw")
+DECODED_HEADS = ("yolo_af", "raw")   # the graph decodes boxes; no priors needed
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,7 @@ class PostProcessConfig:
     nms_iou: float = 0.6
     pre_nms_topk: int = 1000
     max_det: int = 100
+    channels_first: bool = False                  # output is (N, K, P): transposed before decoding
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -58,7 +69,8 @@ class PostProcessConfig:
     def channels(self) -> int:
         """K, the raw channels per prior."""
         c = self.num_classes
-        return {"yolo": 5 + c, "gfl": c + 4 * (self.reg_max + 1), "ssd": 5 + c}[self.head]
+        return {"yolo": 5 + c, "gfl": c + 4 * (self.reg_max + 1), "ssd": 5 + c, "yolo_af": 4 + c,
+                "raw": 4 + c}[self.head]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,7 +118,7 @@ def make_priors(cfg: PostProcessConfig, height: int, width: int) -> np.ndarray:
             np.full((gh * gw, a, 1), float(stride)),
         ], -1).reshape(-1, 5)
         out.append(lvl)
-    return np.concatenate(out).astype(np.float32)
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 5), np.float32)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -121,11 +133,16 @@ def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 def decode(raw: np.ndarray, cfg: PostProcessConfig, priors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Raw ``(N, P, K)`` -> boxes ``(N, P, 4)`` xyxy in input pixels and scores ``(N, P, C)``."""
     raw = np.asarray(raw, dtype=np.float32)
-    if raw.ndim != 3 or raw.shape[1] != len(priors) or raw.shape[2] != cfg.channels:
+    if cfg.channels_first and raw.ndim == 3:
+        raw = raw.transpose(0, 2, 1)
+    rows = raw.shape[1] if cfg.head == "raw" and raw.ndim == 3 else len(priors)
+    if raw.ndim != 3 or raw.shape[1] != rows or raw.shape[2] != cfg.channels:
+        layout = f"(N, {cfg.channels}, {rows})" if cfg.channels_first else f"(N, {rows}, {cfg.channels})"
         raise ConfigError(
-            f"raw head output has shape {raw.shape}; expected (N, {len(priors)}, {cfg.channels}) "
-            f"for a '{cfg.head}' head with {cfg.num_classes} classes at this input size")
-    return {"yolo": _decode_yolo, "gfl": _decode_gfl, "ssd": _decode_ssd}[cfg.head](raw, cfg, priors)
+            f"raw head output has shape {raw.shape}; expected {layout} for a '{cfg.head}' head with "
+            f"{cfg.num_classes} classes at this input size")
+    return {"yolo": _decode_yolo, "gfl": _decode_gfl, "ssd": _decode_ssd, "yolo_af": _decode_yolo_af,
+            "raw": _decode_raw}[cfg.head](raw, cfg, priors)
 
 
 def _xyxy(cxy: np.ndarray, wh: np.ndarray) -> np.ndarray:
@@ -161,6 +178,14 @@ def _decode_ssd(raw, cfg, priors):
     wh = p[..., 2:4] * np.exp(np.clip(raw[..., 2:4] * v1, -10.0, 10.0))
     scores = _softmax(raw[..., 4:])[..., 1:]
     return _xyxy(cxy, wh), scores
+
+
+def _decode_yolo_af(raw, cfg, priors):
+    return _xyxy(raw[..., 0:2], raw[..., 2:4]), raw[..., 4:]
+
+
+def _decode_raw(raw, cfg, priors):
+    return raw[..., 0:4], raw[..., 4:]
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

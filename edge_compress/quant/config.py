@@ -17,6 +17,8 @@ class QuantConfig:
     ``keep_fp32`` names layers left in float: zoo module names as printed by
     ``edge-compress zoo summary NAME --layers`` (``backbone.stem.0.conv``) or ONNX node
     names (``/backbone/stem/stem.0/conv/Conv``); a name that matches no layer is an error.
+    The head's output convs (the last conv before the ``(N, P, K)`` output) stay in fp32
+    unless ``quantize_outputs`` (see ``edge_compress.quant.qdq`` for the measured reason).
     """
 
     calibrator: str = "percentile"
@@ -25,6 +27,7 @@ class QuantConfig:
     bins: int = 2048
     per_channel: bool = True
     keep_fp32: tuple[str, ...] = ()
+    quantize_outputs: bool = False
     seed: int = 0
 
     def __post_init__(self):
