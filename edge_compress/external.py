@@ -127,11 +127,11 @@ def _fixed_input(proto, path: Path, spec: InputSpec):
         raise ArtifactError(f"'{path}' input '{inp.name}' is not float32; export the model with a float input")
     dims = inp.type.tensor_type.shape.dim
     want = (1, spec.channels, spec.height, spec.width)
+    got = tuple(x.dim_value if x.HasField("dim_value") else x.dim_param for x in dims)
     if len(dims) != 4:
         raise ArtifactError(f"'{path}' input '{inp.name}' has rank {len(dims)}; expected NCHW {want}")
     for d, v, axis in zip(dims, want, "NCHW"):
         if d.HasField("dim_value") and d.dim_value != v:
-            got = tuple(x.dim_value if x.HasField("dim_value") else x.dim_param for x in dims)
             raise ArtifactError(f"'{path}' input '{inp.name}' has shape {got} but the given input spec needs {want} "
                                 f"(axis {axis}); pass --input-size matching the model, or re-export it")
         d.Clear()
