@@ -128,16 +128,22 @@ def _kl_threshold_bin(hist: np.ndarray, levels: int) -> int:
 
 
 def quant_error(counts: np.ndarray, edges: np.ndarray, lo, hi) -> np.ndarray:
-    """Expected squared error of asymmetric 8-bit quantization on ``[lo, hi]`` over the histogram
-    (bin centres: clipped values err by their distance, values inside by the rounding error
-    plus the uniform within-bin term ``scale^2 / 12``). ``lo``/``hi`` may be arrays of candidates."""
+    """Expected squared error of asymmetric 8-bit quantization on ``[lo, hi]`` over the histogram.
+
+    Values are taken at their bin centres: a clipped value errs by its distance to the
+    range; a value inside errs by its rounding error when bins are finer than the
+    quantization step, and by the uniform-rounding ``scale^2 / 12`` when they are coarser
+    (the centre would then say nothing about where the values sit inside the step).
+    ``lo``/``hi`` may be arrays of candidate ranges; returns one error per candidate."""
     centres = 0.5 * (edges[:-1] + edges[1:])
+    width = float(edges[1] - edges[0])
     lo, hi = np.atleast_1d(np.asarray(lo, np.float64))[:, None], np.atleast_1d(np.asarray(hi, np.float64))[:, None]
     scale = np.maximum(hi - lo, 1e-12) / (LEVELS - 1)
     zp = np.round(-lo / scale)
     q = np.clip(np.round(centres / scale) + zp, 0, LEVELS - 1)
+    err = (centres - (q - zp) * scale) ** 2
     inside = (centres >= lo) & (centres <= hi)
-    err = (centres - (q - zp) * scale) ** 2 + scale ** 2 / 12.0 * inside
+    err = np.where(inside & (width >= scale), scale ** 2 / 12.0, err)
     return (err @ counts) / max(counts.sum(), 1)
 
 
