@@ -100,8 +100,9 @@ def load_external(path: str | os.PathLike, decoder: str, class_names: Sequence[s
     post0 = PostProcessConfig(head=decoder, num_classes=len(class_names), strides=tuple(int(s) for s in strides),
                               anchors=tuple(tuple((float(a), float(b)) for a, b in lvl) for lvl in anchors),
                               reg_max=reg_max)
-    if channels_first is None:   # infer the layout from the output shape
-        channels_first = len(out_shape) == 3 and out_shape[1] == post0.channels and out_shape[2] != post0.channels
+    if channels_first is None and len(out_shape) == 3:   # infer the layout from the output shape
+        k = post0.channels   # the axis that equals K; else the shorter one (boxes outnumber channels)
+        channels_first = out_shape[2] != k and (out_shape[1] == k or out_shape[1] < out_shape[2])
     post = PostProcessConfig(**{**post0.__dict__, "channels_first": bool(channels_first)})
     _check_output(out_shape, post, spec, path)
     return ExternalDetector(path, spec, tuple(class_names), post)
