@@ -249,7 +249,7 @@ def export_model(model, backend: str, out: str | os.PathLike, *, quant=None, sou
         if hasattr(be, "manifest_extra"):
             extra.update(be.manifest_extra(src, tmp))
         if not runnable:
-            return _unrunnable_manifest(model, be, model_path, src, source, recipe, extra, subject, why)
+            return _unrunnable_manifest(model, be, model_path, src, source, recipe, extra, subject, why, dataset)
         runner = be.load(tmp, threads)
         metrics = {**subject.summary(fp32_onnx), "model_bytes": _bytes(tmp)}
         if quant is None:
@@ -316,9 +316,9 @@ def _slower_warning(backend: str, lat: dict[str, Any]) -> list[str]:
     return [msg]
 
 
-def _unrunnable_manifest(model, be, model_path, src, source, recipe, extra, subject, why) -> dict[str, Any]:
+def _unrunnable_manifest(model, be, model_path, src, source, recipe, extra, subject, why, dataset) -> dict[str, Any]:
     """A backend that exports here but cannot run here (TensorRT without a GPU): the deployed ONNX
-    graph is checked with ONNX Runtime instead, and the manifest says so."""
+    graph is checked, and with a dataset scored, with ONNX Runtime instead, and the manifest says so."""
     from edge_compress.backends.ort import OrtRunner
 
     runner = OrtRunner(src.onnx)
@@ -329,6 +329,9 @@ def _unrunnable_manifest(model, be, model_path, src, source, recipe, extra, subj
                                    INT8_MIN_SQNR_DB, "calibration images")
     validation["runtime"] = f"onnxruntime on the deployed ONNX graph ({be.name} cannot run here: {why})"
     metrics = {**subject.summary(src.fp32_onnx), "model_bytes": _bytes(model_path.parent)}
+    if dataset is not None:
+        metrics["map"] = {**_runtime_map(model, be, runner, dataset, model_path.parent, recipe, source, validation),
+                          "runtime": "onnxruntime on the deployed ONNX graph"}
     return _manifest(model, be, model_path, source, recipe, validation, metrics, extra)
 
 

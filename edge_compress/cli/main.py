@@ -151,6 +151,19 @@ def _quant_config(a):
     return QuantConfig(**d)
 
 
+def _external(a):
+    """An ``ExternalDetector`` from the export flags of a user's ONNX file."""
+    from edge_compress.external import DECODERS, load_external
+
+    if not a.decoder or not a.classes or not a.input_size:
+        raise ConfigError(f"exporting an ONNX file needs --decoder ({', '.join(DECODERS)}), --classes (a text file "
+                          "with one name per line, or a comma-separated list) and --input-size")
+    p = Path(a.classes)
+    names = [n.strip() for n in (p.read_text().splitlines() if p.is_file() else a.classes.split(",")) if n.strip()]
+    kw = {"strides": tuple(int(s) for s in a.strides.split(","))} if a.strides else {}
+    return load_external(a.checkpoint, a.decoder, names, a.input_size, **kw)
+
+
 def cmd_export(a) -> int:
     import warnings
 
@@ -159,10 +172,19 @@ def cmd_export(a) -> int:
 
     _threads(a)
     quant = _quant_config(a)
+    min_sqnr = a.min_sqnr if a.min_sqnr is not None else INT8_MIN_SQNR_DB
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Int8SlowerWarning)  # printed below from the manifest
-        art = export_checkpoint(a.checkpoint, a.backend, a.out, data=a.data, split=a.split, threads=a.threads or 1,
-                                quant=quant, min_sqnr_db=a.min_sqnr if a.min_sqnr is not None else INT8_MIN_SQNR_DB)
+        if a.checkpoint.endswith(".onnx"):
+            from edge_compress.export import export_model
+
+            art = export_model(_external(a), a.backend, a.out, data=a.data, split=a.split, threads=a.threads or 1,
+                               quant=quant, min_sqnr_db=min_sqnr)
+        else:
+            if a.decoder or a.classes:
+                raise ConfigError("--decoder/--classes describe an external ONNX file; a checkpoint carries its own")
+            art = export_checkpoint(a.checkpoint, a.backend, a.out, data=a.data, split=a.split,
+                                    threads=a.threads or 1, quant=quant, min_sqnr_db=min_sqnr)
     m, v = art.manifest, art.manifest["validation"]
     check = (f"matches its reference: relative error {v['rel_error']:.2g} <= {v['tolerance']:g}" if "rel_error" in v
              else f"int8 SQNR {v['sqnr_db']:.1f} dB >= {v['min_sqnr_db']:g} dB")
@@ -273,12 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_compress.backends import list_backends
 
     p = verbs.add_parser("export", help="a validated deployable artifact for one backend (fp32 or int8)")
-    p.add_argument("checkpoint", help="a .pt file written by `edge-compress train`")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_ONNX",
+                   help="a .pt file written by `edge-compress train`, or a detector's .onnx file made elsewhere "
+                        "(then give --decoder, --classes and --input-size)")
     p.add_argument("--backend", required=True, help=f"one of: {', '.join(list_backends())}")
     p.add_argument("--out", required=True, type=Path, help="artifact directory to create (must not exist)")
     p.add_argument("--data", help="dataset: mAP through the runtime goes in the manifest; int8 calibrates on it")
     p.add_argument("--split", default="val", choices=["train", "val"], help="split scored for mAP")
     p.add_argument("--threads", type=int, help="threads for torch and the runtime")
+    e = p.add_argument_group("an external ONNX detector")
+    e.add_argument("--decoder", choices=["yolo_af", "yolo", "gfl", "ssd", "raw"],
+                   help="how its output decodes: yolo_af (YOLOv8/11), gfl (PicoDet), raw (x1,y1,x2,y2 + scores)")
+    e.add_argument("--classes", help="class names: a text file, one per line, or a comma-separated list")
+    e.add_argument("--input-size", dest="input_size", type=int, help="square input size the model expects")
+    e.add_argument("--strides", help="comma-separated strides of its output levels (default 8,16,32)")
     q = p.add_argument_group("int8 post-training quantization")
     q.add_argument("--int8", action="store_true", help="int8 weights (per channel) and activations (per tensor)")
     q.add_argument("--calibrator", choices=["minmax", "percentile", "entropy", "mse"],
