@@ -149,6 +149,10 @@ def print_record(r: dict[str, Any], top: int = TOP_LAYERS) -> None:
     t.add_row(*(_fmt(lat[k]) for k in ("p50", "p90", "p99", "mean", "std")),
               f"{ci[0]:.3f} .. {ci[1]:.3f}" if ci else "n/a (too few repeats)")
     con.print(t)
+    own = lat.get("runtime_reported")
+    if own:
+        con.print(f"the runtime's own timer on the same calls: p50 {own['p50']:.3f} ms (our timer adds "
+                  f"{own['host_overhead_p50_ms']:.3f} ms: the Python call and input/output copies)")
     _print_layers(con, r.get("per_layer", {}), lat["p50"], top)
     mem = r.get("memory", {})
     if mem.get("method") == "measured":

@@ -142,6 +142,7 @@ def test_onnxruntime_record_says_how_every_number_was_obtained(ort_art):
     assert (e["method"], e["measured"], e["label"]) == ("estimated", False, "estimated")
     assert e["mj_per_inference"] > 0 and "Horowitz" in e["source"] and "auto" == e["chosen_by"]["requested"]
     assert r["environment"]["runtime_flags"]["intra_op_num_threads"] == 1
+    assert "runtime_reported" not in lat   # ONNX Runtime keeps no per-call latency
     assert r["artifact"]["sha256"] == profiler.sha256_file(ort_art / "manifest.json")
     assert r["artifact"]["model"] == "ssdlite_mbv2" and r["artifact"]["precision_layers"] == {"fp32": 66}
     assert r["input"]["shape"] == [1, 3, 64, 64] and "seed 0" in r["input"]["kind"]
@@ -157,6 +158,9 @@ def test_openvino_runs_with_the_threads_and_precision_asked(tmp_path_factory):
     flags = r["environment"]["runtime_flags"]
     assert flags["INFERENCE_NUM_THREADS"] == "1" and "f32" in flags["INFERENCE_PRECISION_HINT"].replace("float", "f")
     assert r["per_layer"]["method"] == "not run" and r["energy"]["label"] == "none"
+    own, lat = r["latency"]["runtime_reported"], r["latency"]
+    assert len(own["samples_ms"]) == lat["repeats"] and "InferRequest.latency" in own["source"]
+    assert all(o <= w for o, w in zip(own["samples_ms"], lat["samples_ms"]))   # our timer wraps the runtime's
 
 
 class FakeSensor:
