@@ -118,7 +118,8 @@ def validate_int8(reference, runner: Runner, images: Sequence[np.ndarray], min_s
             f"the int8 model's head outputs reach only {sq:.1f} dB SQNR against fp32 on {len(images)} {what} "
             f"(minimum {min_sqnr_db:g} dB); nothing was written. Try another calibrator (--calibrator "
             "percentile|entropy|mse), more calibration images (--calib-images), keep sensitive layers in fp32 "
-            "(--keep-fp32 LAYER, e.g. the head's prediction convs), or lower --min-sqnr if this is acceptable")
+            "(--keep-fp32 LAYER; names from `edge-compress zoo summary NAME --layers`), or lower --min-sqnr if "
+            "this is acceptable")
     return {"input": f"{len(images)} {what}", "metric": "SQNR dB of raw head outputs, int8 runtime vs fp32 reference",
             "sqnr_db": sq, "min_sqnr_db": min_sqnr_db, "passed": True}
 
