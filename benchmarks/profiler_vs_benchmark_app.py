@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     print("RESULT " + json.dumps({
         "p50_ratio": round(ratio, 4), "ours_p50_ms": round(p50_ours, 4), "benchmark_app_p50_ms": round(p50_theirs, 4),
         "per_round_ratio": [round(o / t, 4) for o, t in zip(ours, theirs)],
-        "p50_ratio_runtime_timer": round(rt_ratio, 4), "ours_runtime_timer_p50_ms": round(statistics.median(ours_rt), 4), "model": a.model, "size": a.size,
+        "p50_ratio_runtime_timer": round(rt_ratio, 4),
+        "ours_runtime_timer_p50_ms": round(statistics.median(ours_rt), 4), "model": a.model, "size": a.size,
         "rounds": rounds, "niter": niter, "threads": 1, "streams": 1, "precision": "f32", "quick": a.quick,
         "goal_abs_dev": GOAL, "within_goal": abs(ratio - 1) <= GOAL}))
     return 0

@@ -178,7 +178,8 @@ def _device(path: Path, name: str, entry: Any) -> DeviceConfig:
     known = {f.name for f in fields(DeviceConfig)} - {"name"}
     unknown = sorted(set(entry) - known)
     if unknown:
-        raise ConfigError(f"{path}: device '{name}': unknown field(s) {unknown}; valid fields: {', '.join(sorted(known))}")
+        raise ConfigError(f"{path}: device '{name}': unknown field(s) {unknown}; valid fields: "
+                          f"{', '.join(sorted(known))}")
     if "connection" not in entry:
         raise ConfigError(f"{path}: device '{name}': field 'connection' is missing; choose one of: "
                           f"{', '.join(CONNECTIONS)}")

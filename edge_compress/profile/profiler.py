@@ -88,7 +88,8 @@ class ProfileSettings:
         if not 1 <= self.min_repeats <= self.max_repeats:
             raise ConfigError(f"ProfileSettings: need 1 <= min_repeats ({self.min_repeats}) <= max_repeats "
                               f"({self.max_repeats}); raise --max-repeats or lower min_repeats")
-        if not (self.max_seconds > 0 and self.target_rel_ci > 0 and self.energy_idle_s > 0 and self.energy_window_s > 0):
+        positive = (self.max_seconds, self.target_rel_ci, self.energy_idle_s, self.energy_window_s)
+        if not all(v > 0 for v in positive):
             raise ConfigError("ProfileSettings: max_seconds, target_rel_ci, energy_idle_s and energy_window_s must be "
                               f"positive (got {self.max_seconds}, {self.target_rel_ci}, {self.energy_idle_s}, "
                               f"{self.energy_window_s})")
@@ -102,7 +103,8 @@ class ProfileSettings:
     def from_dict(cls, d: dict[str, Any]) -> "ProfileSettings":
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
-            raise ConfigError(f"profile settings: unknown key(s) {unknown}; valid: {', '.join(f.name for f in fields(cls))}")
+            valid = ", ".join(f.name for f in fields(cls))
+            raise ConfigError(f"profile settings: unknown key(s) {unknown}; valid: {valid}")
         return cls(**d)
 
     def digest(self) -> str:
@@ -523,31 +525,36 @@ def profile_artifact(artifact: str | Path, settings: ProfileSettings = ProfileSe
     ``sensor`` (a ``Sensor``) overrides ``settings.energy``; an explicitly named
     sensor that is unusable here is an error (with its reason), never a silent estimate.
     """
-    from edge_compress.runtime import open_runner
-
     art = load_artifact(artifact)
     sensor, how = choose_sensor(settings, sensor)
     x, input_info = make_input(art.input_spec)
-    state_before = system_state()
-    mem = memory_before()
-    runner = open_runner(art, settings.threads)
-    latency = time_runs(lambda: runner(x), settings, runtime_timer(runner))
-    memory = memory_after(mem, runner)
-    info = artifact_info(art)
-    energy = energy_section(sensor, how, settings, lambda: runner(x), latency["p50"], info)
-    state_after = system_state()
-    env = environment(art, runner)
-    del runner
+    info, state_before = artifact_info(art), system_state()
+    measured = _timed_session(art, x, settings, sensor, how, info)   # its runtime session is closed on return
     return {
         "schema_version": SCHEMA_VERSION, "kind": "edge_compress.profile",
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         "device": device, "backend": art.backend, "artifact": info,
         "settings": settings.to_dict(), "settings_hash": settings.digest(), "input": input_info,
-        "latency": latency, "per_layer": per_layer(art, x, settings), "memory": memory, "energy": energy,
+        "latency": measured["latency"], "per_layer": per_layer(art, x, settings), "memory": measured["memory"],
+        "energy": measured["energy"],
         "system": {"threads": settings.threads, "cpu_affinity": _affinity(),
-                   "before": state_before, "after": state_after},
-        "environment": env,
+                   "before": state_before, "after": measured["state_after"]},
+        "environment": measured["environment"],
     }
+
+
+def _timed_session(art: Artifact, x: np.ndarray, settings: ProfileSettings, sensor: Sensor | None,
+                   how: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """Load the model, time it, read the memory peak, then the energy window: one runtime session."""
+    from edge_compress.runtime import open_runner
+
+    mem = memory_before()
+    runner = open_runner(art, settings.threads)
+    latency = time_runs(lambda: runner(x), settings, runtime_timer(runner))
+    memory = memory_after(mem, runner)   # before the energy and per-layer runs, which allocate too
+    energy = energy_section(sensor, how, settings, lambda: runner(x), latency["p50"], info)
+    return {"latency": latency, "memory": memory, "energy": energy, "state_after": system_state(),
+            "environment": environment(art, runner)}
 
 
 def attach_device(record: dict[str, Any], device: DeviceConfig) -> dict[str, Any]:
