@@ -98,8 +98,9 @@ class OpenVinoRunner:
         self.batch = batch.get_length() if batch.is_static else None
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        self.request.infer({0: x})
-        return self.request.get_output_tensor(0).data.copy()  # the tensor is reused by the next infer
+        # share_inputs: the contiguous float32 input is read in place (no copy); the output comes back
+        # as a fresh array (share_outputs stays off: the request reuses its tensor on the next call)
+        return self.request.infer({0: x}, share_inputs=True)[0]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
