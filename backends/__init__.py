@@ -15,6 +15,7 @@ from edge_compress.errors import BackendUnavailableError, UnknownNameError
 _BACKENDS: dict[str, tuple[str, str]] = {
     "onnxruntime": ("ort", "OnnxRuntimeBackend"),
     "openvino": ("ov", "OpenVinoBackend"),
+    "litert": ("litert", "LiteRtBackend"),
     "tensorrt": ("tensorrt", "TensorRtBackend"),
 }
 
