@@ -500,7 +500,9 @@ def generate_synthetic(out_dir: str | os.PathLike, num_train: int = 2000, num_va
     n_workers = workers or _default_workers(num_train + num_val)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is not
     try:
-        with (mp.get_context().Pool(n_workers) if n_workers > 1 else nullcontext()) as pool:
+        # forkserver, not fork: a caller that already runs runtime threads (OpenVINO's TBB pool, ONNX
+        # Runtime, torch) can crash when forked mid-flight (seen: SIGSEGV after the backend tests)
+        with (mp.get_context("forkserver").Pool(n_workers) if n_workers > 1 else nullcontext()) as pool:
             for split, count in (("train", num_train), ("val", num_val)):
                 _write_split(tmp, split, count, seed, image_size, pool)
         _move_into_place(tmp, out)
