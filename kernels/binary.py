@@ -1,0 +1,149 @@
+"""Binary (XNOR-popcount) conv2d on sign bits packed along input channels into uint64 words.
+
+With activations and weights in {-1, +1} encoded as bits (1 = +1, 0 = -1), a dot product of
+length K is ``K - 2 * popcount(x XOR w)`` (XNOR-Net, Rastegari et al., ECCV 2016,
+arXiv:1603.05279): one XOR and one POPCNT replace 64 multiply-adds. The result is scaled per
+output channel by a float (the mean |w| of XNOR-Net, or a learned scale).
+
+Layout: ``pack_bits`` puts channels last, so a pixel is ``ceil(C / 64)`` words; channel ``c``
+is bit ``c % 64`` of word ``c // 64``. Tail bits past C are 0 in both operands, so their XOR
+is 0 and they never count.
+
+Padding semantics: a padded position holds the value **+1** on every channel (bits 1).
+0 is not representable in a sign encoding, so "zero padding" cannot be done; +1 is the
+choice of Larq / daBNN-style kernels ("one padding"). Every output therefore sums over all
+``K = C * KH * KW`` taps, border or not, and a model trained for this kernel must be trained
+with +1 padding (pad the sign input with 1.0).
+
+A leaf module: NumPy and numba only; the popcount is LLVM's ``llvm.ctpop.i64`` (POPCNT).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from edge_compress.errors import ConfigError
+from edge_compress.kernels.int8 import _pads, _pair
+
+WORD_BITS = 64
+
+
+@intrinsic
+def _popcount64(typingctx, x):
+    """popcount of a uint64 via the ``llvm.ctpop.i64`` intrinsic (numba has no np.bitwise_count)."""
+    if not isinstance(x, types.Integer) or x.bitwidth != 64:
+        return None
+    sig = types.uint64(x)
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.ctpop.i64")
+        return builder.call(fn, [args[0]])
+
+    return sig, codegen
+
+
+@numba.njit(cache=True)
+def popcount64(word):
+    """Number of set bits in a 64-bit word (a jitted wrapper, also callable from Python)."""
+    return _popcount64(np.uint64(word))
+
+
+def n_words(channels: int) -> int:
+    return (channels + WORD_BITS - 1) // WORD_BITS
+
+
+def pack_bits(x, axis: int = 1) -> np.ndarray:
+    """Signs of ``x`` (bit 1 where x >= 0, i.e. +1) packed along ``axis`` into uint64 words.
+
+    The packed axis moves last: an activation (N, C, H, W) becomes (N, H, W, ceil(C/64)),
+    a weight (OC, C, KH, KW) with ``axis=1`` becomes (OC, KH, KW, ceil(C/64)).
+    """
+    x = np.asarray(x)
+    if x.ndim == 0:
+        raise ConfigError("pack_bits needs an array with a channel axis, got a scalar")
+    bits = np.moveaxis(x >= 0, axis, -1)
+    c = bits.shape[-1]
+    pad = n_words(c) * WORD_BITS - c
+    if pad:
+        bits = np.concatenate([bits, np.zeros(bits.shape[:-1] + (pad,), bool)], axis=-1)
+    # Little bit order inside each byte and little-endian bytes -> channel c is bit c % 64.
+    packed = np.packbits(bits, axis=-1, bitorder="little")
+    return np.ascontiguousarray(packed).view("<u8").astype(np.uint64, copy=False)
+
+
+def _ones_word_row(channels: int) -> np.ndarray:
+    """The packed pixel of an all-(+1) input: every valid channel bit set, tail bits 0."""
+    words = np.zeros(n_words(channels), np.uint64)
+    for i in range(len(words)):
+        valid = min(WORD_BITS, channels - i * WORD_BITS)
+        words[i] = np.uint64((1 << valid) - 1) if valid < WORD_BITS else np.uint64(2**64 - 1)
+    return words
+
+
+@numba.njit(cache=True, parallel=True)
+def _xnor_conv(xp, w, k_total, sh, sw, dh, dw, out):
+    """out[n, oc, oh, ow] = K - 2 * popcount(x XOR w) over the window; parallel over (n, oh) rows."""
+    batch = xp.shape[0]
+    oc_n, kh_n, kw_n, nw = w.shape
+    _, _, oh_n, ow_n = out.shape
+    for task in numba.prange(batch * oh_n):
+        n = task // oh_n
+        oh = task % oh_n
+        for ow in range(ow_n):
+            for oc in range(oc_n):
+                mism = np.uint64(0)
+                for kh in range(kh_n):
+                    ih = oh * sh + kh * dh
+                    for kw in range(kw_n):
+                        iw = ow * sw + kw * dw
+                        for i in range(nw):
+                            mism += _popcount64(xp[n, ih, iw, i] ^ w[oc, kh, kw, i])
+                out[n, oc, oh, ow] = k_total - 2 * np.int64(mism)
+
+
+def binary_conv2d(x_packed, w_packed, in_channels: int, stride=1, padding=0, dilation=1,
+                  scale=None) -> np.ndarray:
+    """Binary conv2d of packed signs: x (N, H, W, words), w (OC, KH, KW, words) from ``pack_bits``.
+
+    Returns int32 ``K - 2 * popcount(x XOR w)`` (the exact {-1,+1} dot product, K = C*KH*KW)
+    in NCHW, or float32 ``scale[oc] *`` that when a per-output-channel ``scale`` is given.
+    ``padding`` (int, (ph, pw) or (top, left, bottom, right)) pads with +1, see the module doc.
+    """
+    x_packed = np.asarray(x_packed)
+    w_packed = np.asarray(w_packed)
+    if x_packed.dtype != np.uint64 or w_packed.dtype != np.uint64:
+        raise ConfigError(f"binary_conv2d needs uint64 words from pack_bits, got {x_packed.dtype}, {w_packed.dtype}")
+    if x_packed.ndim != 4 or w_packed.ndim != 4:
+        raise ConfigError(f"need x (N, H, W, words) and w (OC, KH, KW, words), got {x_packed.shape}, {w_packed.shape}")
+    nw = n_words(in_channels)
+    if in_channels < 1 or x_packed.shape[-1] != nw or w_packed.shape[-1] != nw:
+        raise ConfigError(f"in_channels={in_channels} needs {nw} words per pixel, got x with "
+                          f"{x_packed.shape[-1]} and w with {w_packed.shape[-1]}")
+    n, h, wd, _ = x_packed.shape
+    oc, kh, kw, _ = w_packed.shape
+    sh, sw = _pair(stride, "stride")
+    dh, dw = _pair(dilation, "dilation")
+    pt, pl, pb, pr = _pads(padding)
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ConfigError(f"kernel {kh}x{kw} is larger than the padded input {h + pt + pb}x{wd + pl + pr}")
+    xp = np.empty((n, h + pt + pb, wd + pl + pr, nw), np.uint64)
+    xp[...] = _ones_word_row(in_channels)  # +1 padding
+    xp[:, pt:pt + h, pl:pl + wd] = x_packed
+    out = np.empty((n, oc, oh, ow), np.int32)
+    _xnor_conv(xp, np.ascontiguousarray(w_packed), np.int64(in_channels * kh * kw), sh, sw, dh, dw, out)
+    if scale is None:
+        return out
+    s = np.asarray(scale, np.float32)
+    if s.ndim == 0:
+        s = np.full(oc, s, np.float32)
+    if s.shape != (oc,):
+        raise ConfigError(f"scale must be a scalar or {oc} per-output-channel values, got shape {s.shape}")
+    return out.astype(np.float32) * s[None, :, None, None]
