@@ -1,0 +1,28 @@
+"""Compression methods of the survey applied to the zoo detectors (issue 5).
+
+One verb per method, driven by a frozen config: ``prune_unstructured(model,
+SparsityConfig(...))`` (magnitude / LAMP / N:M masks) and ``decompose(model,
+LowRankConfig(...))`` (SVD / Tucker-2). Names are imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SparsityConfig": "sparsity", "SparsityReport": "sparsity", "prune_unstructured": "sparsity",
+    "masks": "sparsity", "remove_masks": "sparsity",
+    "LowRankConfig": "lowrank", "LowRankReport": "lowrank", "decompose": "lowrank",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'edge_compress.compress' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"edge_compress.compress.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
