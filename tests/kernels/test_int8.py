@@ -1,0 +1,333 @@
+"""int8 kernels against independent references.
+
+Integer paths: bit-exact against plain NumPy int64 loops written here (not the kernel code),
+property-tested over shapes, strides, padding, dilation, groups/depthwise and zero points.
+Requantisation: bit-exact against a NumPy transcription of the gemmlowp formulas and within
+1 LSB of a float64 rescale. Conv semantics: the ONNX backend node cases of ConvInteger and
+QLinearConv.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("numba")
+
+from edge_compress.errors import ConfigError  # noqa: E402
+from edge_compress.kernels.int8 import (  # noqa: E402
+    conv2d_int8,
+    gemm_s8s8_s32,
+    quantize_multiplier,
+    requantize,
+)
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+I32_MIN, I32_MAX = -(2**31), 2**31 - 1
+
+
+# --------------------------------------------------------------------------- references
+
+
+def ref_conv(x, w, bias, x_zp, w_zp, stride, pads, dilation, groups):
+    """int64 conv: pad with x_zp, subtract zero points, sum tap by tap per group (einsum)."""
+    (sh, sw), (pt, pl, pb, pr), (dh, dw) = stride, pads, dilation
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=x_zp) - x_zp
+    wz = w.astype(np.int64) - np.asarray(w_zp, np.int64).reshape(-1, 1, 1, 1)
+    n, c, hp, wp = xp.shape
+    oc, icg, kh, kw = w.shape
+    oh = (hp - dh * (kh - 1) - 1) // sh + 1
+    ow = (wp - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((n, oc, oh, ow), np.int64)
+    ocg = oc // groups
+    for g in range(groups):
+        for i in range(kh):
+            for j in range(kw):
+                patch = xp[:, g * icg:(g + 1) * icg,
+                           i * dh: i * dh + sh * (oh - 1) + 1: sh,
+                           j * dw: j * dw + sw * (ow - 1) + 1: sw]
+                out[:, g * ocg:(g + 1) * ocg] += np.einsum("nchw,oc->nohw", patch, wz[g * ocg:(g + 1) * ocg, :, i, j])
+    return out + np.asarray(bias, np.int64).reshape(1, -1, 1, 1)
+
+
+def ref_srdhm(a, b):
+    """gemmlowp SaturatingRoundingDoublingHighMul, int64 NumPy arrays holding int32 values."""
+    ab = a * b
+    nudge = np.where(ab >= 0, 1 << 30, 1 - (1 << 30))
+    v = ab + nudge
+    high = np.sign(v) * (np.abs(v) // (1 << 31))  # C division: truncate toward zero
+    return np.where((a == I32_MIN) & (b == I32_MIN), I32_MAX, high)
+
+
+def ref_rdbpot(x, exponent):
+    """gemmlowp RoundingDivideByPOT."""
+    mask = (np.int64(1) << exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (x < 0)
+    return (x >> exponent) + (remainder > threshold)
+
+
+def ref_requantize(acc, mult, shift, zp, qmin, qmax):
+    """TFLite MultiplyByQuantizedMultiplier + zero point + clamp (left shift saturating to int32)."""
+    acc, mult, shift = (np.asarray(v, np.int64) for v in (acc, mult, shift))
+    left = np.maximum(shift, 0)
+    right = np.maximum(-shift, 0)
+    v = np.clip(acc * (np.int64(1) << left), I32_MIN, I32_MAX)
+    return np.clip(ref_rdbpot(ref_srdhm(v, mult), right) + zp, qmin, qmax)
+
+
+# --------------------------------------------------------------------------- GEMM
+
+
+@SETTINGS
+@given(m=st.integers(1, 9), k=st.integers(1, 40), n=st.integers(1, 9), a_signed=st.booleans(),
+       per_col=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_gemm_bit_exact(m, k, n, a_signed, per_col, seed):
+    rng = np.random.default_rng(seed)
+    a_dt = np.int8 if a_signed else np.uint8
+    info = np.iinfo(a_dt)
+    a = rng.integers(info.min, info.max + 1, (m, k)).astype(a_dt)
+    b = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    a_zp = int(rng.integers(info.min, info.max + 1))
+    b_zp = rng.integers(-128, 128, n) if per_col else int(rng.integers(-128, 128))
+    ref = (a.astype(np.int64) - a_zp) @ (b.astype(np.int64) - np.asarray(b_zp, np.int64))
+    got = gemm_s8s8_s32(a, b, a_zp, b_zp)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_gemm_rejects_bad_input():
+    a = np.zeros((2, 3), np.int8)
+    with pytest.raises(ConfigError, match=r"\(M, K\)"):
+        gemm_s8s8_s32(a, np.zeros((4, 2), np.int8))
+    with pytest.raises(ConfigError, match="float32"):
+        gemm_s8s8_s32(a.astype(np.float32), np.zeros((3, 2), np.int8))
+
+
+# --------------------------------------------------------------------------- conv2d
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.integers(1, 3))
+    depthwise = draw(st.booleans())
+    icg = 1 if depthwise else draw(st.integers(1, 3))
+    ocg = draw(st.integers(1, 2)) if depthwise else draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h, w = draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    assume(h + pads[0] + pads[2] >= dilation[0] * (kh - 1) + 1)
+    assume(w + pads[1] + pads[3] >= dilation[1] * (kw - 1) + 1)
+    return dict(n=draw(st.integers(1, 2)), groups=groups, icg=icg, ocg=ocg, kh=kh, kw=kw, stride=stride,
+                dilation=dilation, pads=pads, h=h, w=w, x_signed=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def _random_conv(case):
+    rng = np.random.default_rng(case["seed"])
+    c, oc = case["groups"] * case["icg"], case["groups"] * case["ocg"]
+    x_dt = np.int8 if case["x_signed"] else np.uint8
+    info = np.iinfo(x_dt)
+    x = rng.integers(info.min, info.max + 1, (case["n"], c, case["h"], case["w"])).astype(x_dt)
+    w = rng.integers(-128, 128, (oc, case["icg"], case["kh"], case["kw"])).astype(np.int8)
+    bias = rng.integers(-5000, 5000, oc).astype(np.int32)
+    x_zp = int(rng.integers(info.min, info.max + 1))
+    w_zp = rng.integers(-128, 128, oc).astype(np.int32)
+    return x, w, bias, x_zp, w_zp
+
+
+@SETTINGS
+@given(case=conv_cases())
+def test_conv2d_accumulators_bit_exact(case):
+    x, w, bias, x_zp, w_zp = _random_conv(case)
+    got = conv2d_int8(x, w, bias, x_zp, w_zp, stride=case["stride"], padding=case["pads"],
+                      dilation=case["dilation"], groups=case["groups"])
+    ref = ref_conv(x, w, bias, x_zp, w_zp, case["stride"], case["pads"], case["dilation"], case["groups"])
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, ref)
+
+
+@SETTINGS
+@given(case=conv_cases(), out_signed=st.booleans(), relu=st.sampled_from(["none", "relu", "relu6"]))
+def test_conv2d_requantised_bit_exact(case, out_signed, relu):
+    x, w, bias, x_zp, w_zp = _random_conv(case)
+    rng = np.random.default_rng(case["seed"] + 1)
+    oc = w.shape[0]
+    mult, shift = quantize_multiplier(rng.uniform(1e-5, 1e-2, oc))
+    out_dt = np.int8 if out_signed else np.uint8
+    lo, hi = int(np.iinfo(out_dt).min), int(np.iinfo(out_dt).max)
+    out_zp = int(rng.integers(lo, hi + 1))
+    qmin, qmax = {"none": (lo, hi), "relu": (out_zp, hi), "relu6": (out_zp, min(hi, out_zp + 40))}[relu]
+    got = conv2d_int8(x, w, bias, x_zp, w_zp, stride=case["stride"], padding=case["pads"],
+                      dilation=case["dilation"], groups=case["groups"], multiplier=mult, shift=shift,
+                      out_zp=out_zp, qmin=qmin, qmax=qmax, out_dtype=out_dt)
+    acc = ref_conv(x, w, bias, x_zp, w_zp, case["stride"], case["pads"], case["dilation"], case["groups"])
+    ref = ref_requantize(acc, mult.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1), out_zp, qmin, qmax)
+    assert got.dtype == out_dt
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_depthwise_with_channel_multiplier():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (1, 6, 9, 9)).astype(np.uint8)
+    w = rng.integers(-128, 128, (12, 1, 3, 3)).astype(np.int8)
+    got = conv2d_int8(x, w, None, 7, 0, stride=2, padding=1, groups=6)
+    np.testing.assert_array_equal(got, ref_conv(x, w, np.zeros(12), 7, 0, (2, 2), (1, 1, 1, 1), (1, 1), 6))
+
+
+def test_padding_holds_the_input_zero_point():
+    """Real 0 is q = x_zp, so a padded tap must contribute nothing: an input that is all x_zp
+    (real zero everywhere) gives exactly the bias, border pixels included."""
+    x = np.full((1, 2, 4, 4), 37, np.uint8)
+    w = np.full((3, 2, 3, 3), 5, np.int8)
+    got = conv2d_int8(x, w, np.array([1, 2, 3], np.int32), x_zp=37, w_zp=1, padding=2)
+    np.testing.assert_array_equal(got, np.broadcast_to(np.array([1, 2, 3]).reshape(1, 3, 1, 1), got.shape))
+
+
+def test_conv2d_rejects_bad_shapes():
+    x = np.zeros((1, 4, 5, 5), np.int8)
+    with pytest.raises(ConfigError, match="groups=3"):
+        conv2d_int8(x, np.zeros((3, 1, 3, 3), np.int8), groups=3)
+    with pytest.raises(ConfigError, match="larger than the padded input"):
+        conv2d_int8(x, np.zeros((2, 4, 7, 7), np.int8))
+    with pytest.raises(ConfigError, match="multiplier and shift"):
+        conv2d_int8(x, np.zeros((2, 4, 3, 3), np.int8), multiplier=np.int32(2**30))
+
+
+# --------------------------------------------------------------------------- requantisation
+
+
+@SETTINGS
+@given(chans=st.integers(1, 6), log_scale=st.floats(-20, 10), out_signed=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_requantize_matches_gemmlowp_and_float(chans, log_scale, out_signed, seed):
+    rng = np.random.default_rng(seed)
+    scales = 2.0 ** (log_scale + rng.uniform(-1, 1, chans))
+    mult, shift = quantize_multiplier(scales)
+    out_dt = np.int8 if out_signed else np.uint8
+    lo, hi = int(np.iinfo(out_dt).min), int(np.iinfo(out_dt).max)
+    zp = int(rng.integers(lo, hi + 1))
+    # Accumulators spanning the int32 range, including its ends.
+    acc = rng.integers(I32_MIN, I32_MAX, (17, chans), endpoint=True)
+    acc = (acc >> rng.integers(0, 31, (17, chans))).astype(np.int32)
+    acc[0] = I32_MIN
+    acc[1] = I32_MAX
+    got = requantize(acc, mult, shift, zp, out_dtype=out_dt)
+    np.testing.assert_array_equal(got, ref_requantize(acc, mult, shift, zp, lo, hi))
+    real = mult.astype(np.float64) * 2.0 ** (shift.astype(np.float64) - 31)
+    ref_float = np.clip(np.round(acc.astype(np.float64) * real) + zp, lo, hi)
+    # A left shift that saturates int32 is the one place fixed point departs from float.
+    fits = np.abs(acc.astype(np.float64) * 2.0 ** np.maximum(shift, 0)) < 2**31
+    assert np.all(np.abs(got.astype(np.float64) - ref_float)[fits] <= 1)
+
+
+def test_requantize_along_channel_axis_and_fused_relu6():
+    acc = np.arange(-60, 60, dtype=np.int32).reshape(1, 3, 5, 8) * 1000
+    mult, shift = quantize_multiplier([0.001, 0.002, 0.004])
+    plain = requantize(acc, mult, shift, out_zp=-10, axis=1)
+    fused = requantize(acc, mult, shift, out_zp=-10, qmin=-10, qmax=-10 + 50, axis=1)
+    np.testing.assert_array_equal(fused, np.clip(plain, -10, 40))
+    ref = ref_requantize(acc, mult.reshape(1, 3, 1, 1), shift.reshape(1, 3, 1, 1), -10, -128, 127)
+    np.testing.assert_array_equal(plain, ref)
+
+
+@SETTINGS
+@given(scale=st.floats(1e-12, 1e8, allow_subnormal=False))
+def test_quantize_multiplier_represents_the_scale(scale):
+    assume(scale < 2.0**30)
+    mult, shift = quantize_multiplier(scale)
+    if mult == 0:  # below 2**-32: the output is the zero point, by design
+        assert scale < 2.0**-31
+        return
+    assert 2**30 <= int(mult) < 2**31
+    assert abs(int(mult) * 2.0 ** (int(shift) - 31) - scale) <= scale * 2.0**-31
+
+
+def test_quantize_multiplier_rejects_non_positive():
+    with pytest.raises(ConfigError, match="> 0"):
+        quantize_multiplier([0.5, 0.0])
+
+
+# --------------------------------------------------------------------------- ONNX node cases
+
+
+def _onnx_node_cases(prefix: str, cls_name: str, module: str):
+    """(inputs, outputs) of the ONNX backend node test cases named ``prefix*``.
+
+    Read from the shipped ``onnx/backend/test/data/node/<case>/test_data_set_0/*.pb`` when the
+    installed wheel has them; onnx 1.23.2's wheel does not ship data/node, so otherwise the same
+    tensors come from the case generators in ``onnx.backend.test.case.node`` (the code that writes
+    those .pb files).
+    """
+    import importlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    data = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "node")
+    dirs = sorted(glob.glob(os.path.join(data, prefix + "*", "test_data_set_0")))
+    if dirs:
+        def load(d, kind):
+            return [numpy_helper.to_array(onnx.load_tensor(f)) for f in sorted(glob.glob(os.path.join(d, kind + "_*.pb")))]
+        return [(os.path.basename(os.path.dirname(d)), onnx.load(os.path.join(d, "..", "model.onnx")).graph.node[0],
+                 load(d, "input"), load(d, "output")) for d in dirs]
+    node = importlib.import_module("onnx.backend.test.case.node")
+    node._TargetOpType = None
+    cls = getattr(importlib.import_module(f"onnx.backend.test.case.node.{module}"), cls_name)  # import runs the exports
+    cases = [c for c in node._NodeTestCases if c.name.startswith(prefix)]
+    if not cases:  # imported earlier under another op-type filter: run the exports again
+        for n in [n for n in node._existing_names if n.startswith(prefix)]:
+            del node._existing_names[n]
+        for name in dir(cls):
+            if name.startswith("export"):
+                getattr(cls, name)()
+        cases = [c for c in node._NodeTestCases if c.name.startswith(prefix)]
+    return [(c.name, c.model.graph.node[0], list(c.data_sets[0][0]), list(c.data_sets[0][1])) for c in cases]
+
+
+def _as_int8(q, zp):
+    """uint8 weights + zero point -> int8 with the same differences (both shifted by 128)."""
+    q = np.asarray(q)
+    if q.dtype == np.int8:
+        return q, np.asarray(zp, np.int32)
+    return (q.astype(np.int16) - 128).astype(np.int8), np.asarray(zp, np.int32) - 128
+
+
+def _conv_attrs(node) -> dict:
+    """ONNX Conv attributes -> conv2d_int8 keywords (ONNX pads are top, left, bottom, right)."""
+    from onnx import helper
+
+    a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+    assert a.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"), "auto_pad cases need explicit pads here"
+    return dict(stride=tuple(a.get("strides", (1, 1))), padding=tuple(a.get("pads", (0, 0, 0, 0))),
+                dilation=tuple(a.get("dilations", (1, 1))), groups=int(a.get("group", 1)))
+
+
+def test_onnx_convinteger_node_cases():
+    cases = _onnx_node_cases("test_convinteger", "ConvInteger", "convinteger")
+    assert len(cases) >= 2
+    for name, node, inputs, (y,) in cases:
+        x, w, x_zp = inputs[0], inputs[1], inputs[2]
+        w_zp = inputs[3] if len(inputs) > 3 else np.uint8(0) if w.dtype == np.uint8 else np.int8(0)
+        w8, wzp8 = _as_int8(w, w_zp)
+        got = conv2d_int8(x, w8, None, int(x_zp), wzp8, **_conv_attrs(node))
+        np.testing.assert_array_equal(got, y, err_msg=name)
+
+
+def test_onnx_qlinearconv_node_cases():
+    cases = _onnx_node_cases("test_qlinearconv", "QLinearConv", "qlinearconv")
+    assert cases
+    for name, node, (x, xs, xzp, w, ws, wzp, ys, yzp), (y,) in cases:
+        w8, wzp8 = _as_int8(w, wzp)
+        real = np.float64(xs) * np.asarray(ws, np.float64) / np.float64(ys)
+        mult, shift = quantize_multiplier(real)
+        got = conv2d_int8(x, w8, None, int(xzp), wzp8, multiplier=mult, shift=shift, out_zp=int(yzp),
+                          out_dtype=y.dtype, **_conv_attrs(node))
+        np.testing.assert_array_equal(got, y, err_msg=name)
