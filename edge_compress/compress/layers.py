@@ -25,7 +25,10 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _example_input(model: nn.Module) -> torch.Tensor:
-    spec = model.input_spec
+    spec = getattr(model, "input_spec", None)
+    if spec is None:
+        raise ConfigError(f"{type(model).__name__} has no input_spec, so its head output layers cannot be found "
+                          "by a forward; name the layers to compress explicitly (layers=(...))")
     return torch.zeros(1, spec.channels, spec.height, spec.width, requires_grad=True)
 
 

@@ -153,3 +153,21 @@ def test_config_is_hashable_and_round_trips():
     assert hash(cfg) == hash(SparsityConfig.from_dict(cfg.to_dict())) and cfg == SparsityConfig.from_dict(cfg.to_dict())
     with pytest.raises(ConfigError, match="unknown"):
         SparsityConfig.from_dict({"method": "nm", "sparsity": 0.5, "ratio": 1})
+
+
+def test_masked_detector_exports_with_its_zeros(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    from edge_compress.backends.onnx_export import export_onnx
+
+    model = detector()
+    prune_unstructured(model, SparsityConfig("magnitude", 0.5))
+    graph = onnx.load(str(export_onnx(model, tmp_path / "pruned.onnx"))).graph
+    zeros = sorted(float((numpy_helper.to_array(i) == 0).mean()) for i in graph.initializer if len(i.dims) == 4)
+    assert zeros == [0.0, 0.0] + [0.5] * (len(zeros) - 2)      # the two head output convs stay dense
+
+
+def test_default_layers_need_a_detector():
+    with pytest.raises(ConfigError, match="name the layers"):
+        prune_unstructured(nn.Sequential(nn.Linear(2, 2)), SparsityConfig("magnitude", 0.5))
