@@ -177,6 +177,14 @@ def gemm_s8s8_s32(a, b, a_zp: int = 0, b_zp=0) -> np.ndarray:
 # --------------------------------------------------------------------------- conv2d
 
 
+def _check_zero_point(name: str, zp, dtype) -> None:
+    info = np.iinfo(dtype)
+    z = np.asarray(zp)
+    if z.size and (z.min() < info.min or z.max() > info.max):
+        raise ConfigError(f"{name} must lie in the {np.dtype(dtype).name} range [{info.min}, {info.max}], "
+                          f"got {z.ravel()[:8]}")
+
+
 def _pair(v, name: str) -> tuple[int, int]:
     t = (v, v) if np.ndim(v) == 0 else tuple(v)
     if len(t) != 2 or min(t) < 1:
@@ -196,23 +204,29 @@ def _pads(padding) -> tuple[int, int, int, int]:
 
 @numba.njit(cache=True, parallel=True)
 def _conv_i32(xp, w, bias, sh, sw, dh, dw, groups, out):
-    """Direct convolution of a zero-point-corrected, padded input; one parallel task per (n, oc)."""
-    batch, _, _, _ = xp.shape
-    oc_total, icg, kh_n, kw_n = w.shape
+    """Direct conv of a zero-point-corrected, padded NHWC input xp (N, Hp, Wp, C) with w (OC, KH, KW, C/g).
+
+    Channels last make the innermost loop a contiguous int16 dot product that LLVM vectorises;
+    one parallel task per output row (n, oh).
+    """
+    batch = xp.shape[0]
+    oc_total, kh_n, kw_n, icg = w.shape
     _, _, oh_n, ow_n = out.shape
     ocg = oc_total // groups
-    for task in numba.prange(batch * oc_total):
-        n = task // oc_total
-        oc = task % oc_total
-        ic0 = (oc // ocg) * icg
-        for oh in range(oh_n):
-            for ow in range(ow_n):
+    for task in numba.prange(batch * oh_n):
+        n = task // oh_n
+        oh = task % oh_n
+        for ow in range(ow_n):
+            for oc in range(oc_total):
+                ic0 = (oc // ocg) * icg
                 acc = np.int32(bias[oc])
-                for ic in range(icg):
-                    for kh in range(kh_n):
-                        ih = oh * sh + kh * dh
-                        for kw in range(kw_n):
-                            acc += xp[n, ic0 + ic, ih, ow * sw + kw * dw] * w[oc, ic, kh, kw]
+                for kh in range(kh_n):
+                    ih = oh * sh + kh * dh
+                    for kw in range(kw_n):
+                        xr = xp[n, ih, ow * sw + kw * dw, ic0:ic0 + icg]
+                        wr = w[oc, kh, kw]
+                        for ic in range(icg):
+                            acc += xr[ic] * wr[ic]
                 out[n, oc, oh, ow] = acc
 
 
@@ -252,9 +266,12 @@ def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dil
     b32 = np.zeros(oc, np.int32) if bias is None else _per_channel(bias, oc, "bias", np.int32)
     wzp = _per_channel(w_zp, oc, "w_zp", np.int32)
     # Subtract the zero points once; padding with 0 here == padding x with x_zp (see docstring).
-    xs = x.astype(np.int32) - np.int32(x_zp)
-    xp = np.pad(xs, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
-    ws = np.ascontiguousarray(w.astype(np.int32) - wzp[:, None, None, None])
+    # x - x_zp and w - w_zp lie in [-255, 255]: int16 operands, products and sums in int32.
+    _check_zero_point("x_zp", x_zp, x.dtype)
+    _check_zero_point("w_zp", wzp, w.dtype)
+    xs = x.astype(np.int16) - np.int16(x_zp)
+    xp = np.ascontiguousarray(np.pad(xs, ((0, 0), (0, 0), (pt, pb), (pl, pr))).transpose(0, 2, 3, 1))
+    ws = np.ascontiguousarray((w.astype(np.int16) - wzp.astype(np.int16)[:, None, None, None]).transpose(0, 2, 3, 1))
     acc = np.empty((n, oc, oh, ow), dtype=np.int32)
     _conv_i32(xp, ws, b32, sh, sw, dh, dw, groups, acc)
     if multiplier is None:

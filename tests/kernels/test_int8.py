@@ -197,6 +197,8 @@ def test_conv2d_rejects_bad_shapes():
         conv2d_int8(x, np.zeros((3, 1, 3, 3), np.int8), groups=3)
     with pytest.raises(ConfigError, match="larger than the padded input"):
         conv2d_int8(x, np.zeros((2, 4, 7, 7), np.int8))
+    with pytest.raises(ConfigError, match=r"x_zp must lie in the int8 range"):
+        conv2d_int8(x, np.zeros((2, 4, 3, 3), np.int8), x_zp=200)
     with pytest.raises(ConfigError, match="multiplier and shift"):
         conv2d_int8(x, np.zeros((2, 4, 3, 3), np.int8), multiplier=np.int32(2**30))
 
