@@ -133,6 +133,34 @@ def _per_channel(value, chans: int, name: str, dtype) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_zero_point(name: str, zp, dtype) -> None:
+    info = np.iinfo(dtype)
+    z = np.asarray(zp)
+    if z.size and (z.min() < info.min or z.max() > info.max):
+        raise ConfigError(f"{name} must lie in the {np.dtype(dtype).name} range [{info.min}, {info.max}], "
+                          f"got {z.ravel()[:8]}")
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    t = (v, v) if np.ndim(v) == 0 else tuple(v)
+    if len(t) != 2 or min(t) < 1:
+        raise ConfigError(f"{name} must be a positive int or a pair of them, got {v!r}")
+    return int(t[0]), int(t[1])
+
+
+def _pads(padding) -> tuple[int, int, int, int]:
+    """int | (ph, pw) | ONNX order (top, left, bottom, right) -> (top, left, bottom, right)."""
+    t = (padding,) * 4 if np.ndim(padding) == 0 else tuple(padding)
+    if len(t) == 2:
+        t = (t[0], t[1], t[0], t[1])
+    if len(t) != 4 or min(t) < 0:
+        raise ConfigError(f"padding must be an int >= 0, (ph, pw) or (top, left, bottom, right), got {padding!r}")
+    return tuple(int(p) for p in t)  # type: ignore[return-value]
+
+
 # --------------------------------------------------------------------------- GEMM
 
 
@@ -166,40 +194,18 @@ def gemm_s8s8_s32(a, b, a_zp: int = 0, b_zp=0) -> np.ndarray:
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
         raise ConfigError(f"gemm needs a (M, K) and b (K, N), got {a.shape} and {b.shape}")
     bzp = _per_channel(b_zp, b.shape[1], "b_zp", np.int32)
-    # Zero points are folded in once (O(MK + KN)); the inner loop is a plain int32 dot.
-    a32 = a.astype(np.int32) - np.int32(a_zp)
-    bt32 = np.ascontiguousarray((b.astype(np.int32) - bzp[None, :]).T)
+    _check_zero_point("a_zp", a_zp, a.dtype)
+    _check_zero_point("b_zp", bzp, b.dtype)
+    # Zero points are folded in once (O(MK + KN)); the differences lie in [-255, 255], so the
+    # inner loop is a contiguous int16 dot with int32 sums.
+    a16 = a.astype(np.int16) - np.int16(a_zp)
+    bt16 = np.ascontiguousarray((b.astype(np.int16) - bzp.astype(np.int16)[None, :]).T)
     out = np.empty((a.shape[0], b.shape[1]), dtype=np.int32)
-    _gemm_i32(a32, bt32, out)
+    _gemm_i32(a16, bt16, out)
     return out
 
 
 # --------------------------------------------------------------------------- conv2d
-
-
-def _check_zero_point(name: str, zp, dtype) -> None:
-    info = np.iinfo(dtype)
-    z = np.asarray(zp)
-    if z.size and (z.min() < info.min or z.max() > info.max):
-        raise ConfigError(f"{name} must lie in the {np.dtype(dtype).name} range [{info.min}, {info.max}], "
-                          f"got {z.ravel()[:8]}")
-
-
-def _pair(v, name: str) -> tuple[int, int]:
-    t = (v, v) if np.ndim(v) == 0 else tuple(v)
-    if len(t) != 2 or min(t) < 1:
-        raise ConfigError(f"{name} must be a positive int or a pair of them, got {v!r}")
-    return int(t[0]), int(t[1])
-
-
-def _pads(padding) -> tuple[int, int, int, int]:
-    """int | (ph, pw) | ONNX order (top, left, bottom, right) -> (top, left, bottom, right)."""
-    t = (padding,) * 4 if np.ndim(padding) == 0 else tuple(padding)
-    if len(t) == 2:
-        t = (t[0], t[1], t[0], t[1])
-    if len(t) != 4 or min(t) < 0:
-        raise ConfigError(f"padding must be an int >= 0, (ph, pw) or (top, left, bottom, right), got {padding!r}")
-    return tuple(int(p) for p in t)  # type: ignore[return-value]
 
 
 @numba.njit(cache=True, parallel=True)
