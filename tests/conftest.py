@@ -1,6 +1,8 @@
 """Shared fixtures. Torch runs on one thread in tests: on a 2-core machine two
 threads collapse when anything else runs beside them (measured 10x slower)."""
 
+import signal
+
 import pytest
 import torch
 
@@ -8,6 +10,23 @@ import torch
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _no_sigchld_handler_left_behind():
+    """Restore SIGCHLD's default action after each test.
+
+    torch's DataLoader installs a Python SIGCHLD handler the first time it starts worker
+    processes and never removes it. Later in the same session, with the native runtimes of the
+    backend tests loaded, every child exit then delivers SIGCHLD to the main thread and the
+    suite died with SIGSEGV while reading a child's pipe (gdb: thread 1 in read(); seen only in
+    the full suite, in the agent and synth tests). A forced SIGSEGV at signal delivery is the
+    kernel's answer to a signal frame it cannot build, which points at an alternate signal
+    stack that one of those libraries left unusable; with no handler, nothing is delivered.
+    """
+    yield
+    if signal.getsignal(signal.SIGCHLD) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")
