@@ -217,7 +217,8 @@ def cmd_demo(a) -> int:
     from edge_compress.demo import run_demo
 
     _threads(a)
-    return run_demo(a.out, a.models, a.epochs, a.train_images, a.val_images, progress=not a.no_progress)
+    return run_demo(a.out, a.models, a.epochs, a.train_images, a.val_images, progress=not a.no_progress,
+                    backends=[] if a.no_export else a.backends)
 
 
 def _threads(a) -> None:
@@ -251,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--val-images", type=int, default=150)
     demo.add_argument("--threads", type=int)
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--backends", nargs="+", default=["onnxruntime", "openvino"],
+                      help="export each trained model for these backends at fp32 and int8 (default onnxruntime "
+                           "openvino)")
+    demo.add_argument("--no-export", dest="no_export", action="store_true", help="train and evaluate only")
     demo.set_defaults(func=cmd_demo)
 
     data = verbs.add_parser("data", help="datasets").add_subparsers(dest="data_verb", required=True, metavar="VERB")
