@@ -37,3 +37,15 @@ class ArtifactError(EdgeCompressError, ValueError):
 
 class ExportValidationError(EdgeCompressError, RuntimeError):
     """An exported model disagrees with the source model beyond the tolerance; nothing was written."""
+
+
+def require_known_keys(cls, d, what: str = "key", source: str | None = None) -> None:
+    """Raise ``ConfigError`` when mapping ``d`` has keys that are not fields of dataclass ``cls``
+    (every config's ``from_dict``: unknown keys are rejected, never ignored)."""
+    from dataclasses import fields
+
+    known = sorted(f.name for f in fields(cls))
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        prefix = f"{source}: " if source else ""
+        raise ConfigError(f"{prefix}unknown {what}(s) {unknown}; known {what}s: {known}")

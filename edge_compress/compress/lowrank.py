@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from edge_compress.compress.layers import check_names, get_parent, output_layers, weight_layers
-from edge_compress.errors import ConfigError
+from edge_compress.errors import ConfigError, require_known_keys
 from edge_compress.models.summary import LayerStats, summarize
 
 
@@ -74,10 +74,7 @@ class LowRankConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LowRankConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown lowrank setting(s) {unknown}; known: {sorted(known)}")
+        require_known_keys(cls, d, what="lowrank setting")
         return cls(**d)
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from edge_compress.compress.layers import check_names, output_layers, weight_layers
-from edge_compress.errors import ConfigError
+from edge_compress.errors import ConfigError, require_known_keys
 
 METHODS = ("magnitude", "lamp", "nm")
 SCOPES = ("layer", "global")
@@ -105,10 +105,7 @@ class SparsityConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SparsityConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown sparsity setting(s) {unknown}; known: {sorted(known)}")
+        require_known_keys(cls, d, what="sparsity setting")
         return cls(**d)
 
 

@@ -8,13 +8,13 @@ device runtime can letterbox without torch.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from edge_compress.errors import ConfigError, DataError
+from edge_compress.errors import ConfigError, DataError, require_known_keys
 
 PAD_VALUE = 114
 
@@ -143,10 +143,7 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AugmentConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"AugmentConfig: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+        require_known_keys(cls, d, source="AugmentConfig")
         return cls(**d)
 
 

@@ -47,7 +47,7 @@ import numpy as np
 
 from edge_compress.artifact import MANIFEST, Artifact, load_artifact, sha256_file
 from edge_compress.backends import get_backend
-from edge_compress.errors import BackendUnavailableError, ConfigError, EdgeCompressError
+from edge_compress.errors import BackendUnavailableError, ConfigError, EdgeCompressError, require_known_keys
 from edge_compress.profile.devices import ENERGY_SENSORS, DeviceConfig
 from edge_compress.profile.energy import Sensor, detect_sensors, estimate_energy, measure_with_idle
 
@@ -101,10 +101,7 @@ class ProfileSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ProfileSettings":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            valid = ", ".join(f.name for f in fields(cls))
-            raise ConfigError(f"profile settings: unknown key(s) {unknown}; valid: {valid}")
+        require_known_keys(cls, d, source="profile settings")
         return cls(**d)
 
     def digest(self) -> str:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from edge_compress.errors import ConfigError
+from edge_compress.errors import ConfigError, require_known_keys
 from edge_compress.quant.calibrators import CALIBRATORS
 
 
@@ -49,8 +49,5 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown quant setting(s) {unknown}; known: {sorted(known)}")
+        require_known_keys(cls, d, what="quant setting")
         return cls(**d)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from edge_compress.errors import ConfigError
+from edge_compress.errors import ConfigError, require_known_keys
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -48,8 +48,5 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "train config") -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        require_known_keys(cls, d, source=source)
         return cls(**d)
