@@ -88,6 +88,27 @@ def check_names(names: Iterable[str], known: Iterable[str], what: str) -> None:
                       "see `edge-compress zoo summary NAME --layers` for the layer names")
 
 
+def choose_layers(model: nn.Module, explicit: tuple[str, ...], per_layer: Iterable[str], fields: tuple[str, str],
+                  kept: str) -> tuple[dict[str, nn.Module], list[str], dict[str, str]]:
+    """The layers a compression step touches: ``explicit`` names, or by default every weight layer
+    but the head's output convs (reported as skipped with the reason ``kept``), plus the names keyed
+    by its per-layer setting. ``fields`` names the two settings in errors ("sparsity.layers",
+    "sparsity.per_layer"). Returns (all weight layers, chosen names, skipped name -> reason)."""
+    layers = weight_layers(model)
+    per_layer = list(per_layer)
+    check_names(explicit, layers, fields[0])
+    check_names(per_layer, layers, fields[1])
+    skipped: dict[str, str] = {}
+    if explicit:
+        chosen = list(explicit)
+    else:
+        heads = output_layers(model)
+        skipped.update({name: f"head output conv ({kept} by default)" for name in sorted(heads)})
+        chosen = [name for name in layers if name not in heads]
+    chosen += [name for name in per_layer if name not in chosen]
+    return layers, chosen, skipped
+
+
 def get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The module holding ``name`` and the attribute under which it is held."""
     parent, _, attr = name.rpartition(".")

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edge_compress.compress.layers import check_names, get_parent, output_layers, weight_layers
+from edge_compress.compress.layers import choose_layers, get_parent, weight_layers
 from edge_compress.errors import ConfigError, require_known_keys
 from edge_compress.models.summary import LayerStats, summarize
 
@@ -238,17 +238,8 @@ def _why_not(module: nn.Module, config: LowRankConfig, explicit_rank: bool) -> s
 
 def select_layers(model: nn.Module, config: LowRankConfig) -> tuple[list[str], dict[str, str]]:
     """Candidate layer names (``config.layers`` or the default set, plus ``ranks`` keys) and skipped ones."""
-    layers = weight_layers(model)
-    check_names(config.layers, layers, "lowrank.layers")
-    check_names(config.ranks or {}, layers, "lowrank.ranks")
-    skipped: dict[str, str] = {}
-    if config.layers:
-        chosen = list(config.layers)
-    else:
-        heads = output_layers(model)
-        skipped.update({n: "head output conv (kept intact by default)" for n in sorted(heads)})
-        chosen = [n for n in layers if n not in heads]
-    chosen += [n for n in (config.ranks or {}) if n not in chosen]
+    _, chosen, skipped = choose_layers(model, config.layers, config.ranks or {},
+                                     ("lowrank.layers", "lowrank.ranks"), "kept intact")
     return chosen, skipped
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from edge_compress.compress.layers import check_names, output_layers, weight_layers
+from edge_compress.compress.layers import choose_layers, weight_layers
 from edge_compress.errors import ConfigError, require_known_keys
 
 METHODS = ("magnitude", "lamp", "nm")
@@ -218,17 +218,8 @@ def _global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str,
 
 def select_layers(model: nn.Module, config: SparsityConfig) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Layers to prune (``config.layers`` or the default set, plus ``per_layer`` keys) and skipped ones."""
-    layers = weight_layers(model)
-    check_names(config.layers, layers, "sparsity.layers")
-    check_names(config.per_layer or {}, layers, "sparsity.per_layer")
-    skipped: dict[str, str] = {}
-    if config.layers:
-        chosen = list(config.layers)
-    else:
-        heads = output_layers(model)
-        skipped.update({name: "head output conv (kept dense by default)" for name in sorted(heads)})
-        chosen = [name for name in layers if name not in heads]
-    chosen += [name for name in (config.per_layer or {}) if name not in chosen]
+    layers, chosen, skipped = choose_layers(model, config.layers, config.per_layer or {},
+                                            ("sparsity.layers", "sparsity.per_layer"), "kept dense")
     if config.method == "nm":
         chosen = _nm_compatible(layers, chosen, config, skipped)
     return {name: layers[name] for name in chosen}, skipped
