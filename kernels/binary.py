@@ -28,7 +28,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edge_compress.errors import ConfigError
-from edge_compress.kernels.int8 import _pads, _pair
+from edge_compress.kernels.int8 import conv_geometry
 
 WORD_BITS = 64
 
@@ -127,13 +127,7 @@ def binary_conv2d(x_packed, w_packed, in_channels: int, stride=1, padding=0, dil
                           f"{x_packed.shape[-1]} and w with {w_packed.shape[-1]}")
     n, h, wd, _ = x_packed.shape
     oc, kh, kw, _ = w_packed.shape
-    sh, sw = _pair(stride, "stride")
-    dh, dw = _pair(dilation, "dilation")
-    pt, pl, pb, pr = _pads(padding)
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    if oh < 1 or ow < 1:
-        raise ConfigError(f"kernel {kh}x{kw} is larger than the padded input {h + pt + pb}x{wd + pl + pr}")
+    (sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow) = conv_geometry(h, wd, kh, kw, stride, padding, dilation)
     xp = np.empty((n, h + pt + pb, wd + pl + pr, nw), np.uint64)
     xp[...] = _ones_word_row(in_channels)  # +1 padding
     xp[:, pt:pt + h, pl:pl + wd] = x_packed

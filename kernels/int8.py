@@ -161,6 +161,19 @@ def _pads(padding) -> tuple[int, int, int, int]:
     return tuple(int(p) for p in t)  # type: ignore[return-value]
 
 
+def conv_geometry(h: int, wd: int, kh: int, kw: int, stride, padding, dilation):
+    """Checked conv arguments and output size: ((sh, sw), (dh, dw), (top, left, bottom, right), (oh, ow))."""
+    sh, sw = _pair(stride, "stride")
+    dh, dw = _pair(dilation, "dilation")
+    pt, pl, pb, pr = _pads(padding)
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ConfigError(f"kernel {kh}x{kw} (dilation {dh},{dw}) is larger than the padded input "
+                          f"{h + pt + pb}x{wd + pl + pr}")
+    return (sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow)
+
+
 # --------------------------------------------------------------------------- GEMM
 
 
@@ -261,14 +274,7 @@ def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dil
     if groups < 1 or c % groups or oc % groups or icg != c // groups:
         raise ConfigError(f"groups={groups} does not fit x with {c} channels and w {w.shape} "
                           f"(need C and OC divisible by groups and w.shape[1] == C/groups)")
-    sh, sw = _pair(stride, "stride")
-    dh, dw = _pair(dilation, "dilation")
-    pt, pl, pb, pr = _pads(padding)
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    if oh < 1 or ow < 1:
-        raise ConfigError(f"kernel {kh}x{kw} (dilation {dh},{dw}) is larger than the padded input "
-                          f"{h + pt + pb}x{wd + pl + pr}")
+    (sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow) = conv_geometry(h, wd, kh, kw, stride, padding, dilation)
     b32 = np.zeros(oc, np.int32) if bias is None else _per_channel(bias, oc, "bias", np.int32)
     wzp = _per_channel(w_zp, oc, "w_zp", np.int32)
     # Subtract the zero points once; padding with 0 here == padding x with x_zp (see docstring).
