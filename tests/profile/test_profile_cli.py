@@ -29,17 +29,8 @@ def main(argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory):
-    out = tmp_path_factory.getbasetemp() / "profile_artifacts" / "onnxruntime"
-    if not out.exists():
-        import torch
-
-        from edge_compress.export import export_model
-        from edge_compress.models import create_detector
-
-        torch.manual_seed(0)
-        export_model(create_detector("ssdlite_mbv2", num_classes=3, input_size=64).eval(), "onnxruntime", out)
-    return out
+def art(ort_artifact):
+    return ort_artifact
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import sys
 import time
 from fractions import Fraction
 from math import comb
-from pathlib import Path
 
 import pytest
 
@@ -28,23 +27,9 @@ from edge_compress.profile.profiler import (
 FAST = ProfileSettings(warmup=2, max_seconds=0.3, max_repeats=200, per_layer=True, energy="auto")
 
 
-def tiny_artifact(tmp_path_factory, backend: str) -> Path:
-    """An untrained ssdlite_mbv2 at 64 px exported once per session per backend."""
-    out = tmp_path_factory.getbasetemp() / "profile_artifacts" / backend
-    if not out.exists():
-        import torch
-
-        from edge_compress.export import export_model
-        from edge_compress.models import create_detector
-
-        torch.manual_seed(0)
-        export_model(create_detector("ssdlite_mbv2", num_classes=3, input_size=64).eval(), backend, out)
-    return out
-
-
 @pytest.fixture(scope="module")
-def ort_art(tmp_path_factory):
-    return tiny_artifact(tmp_path_factory, "onnxruntime")
+def ort_art(ort_artifact):
+    return ort_artifact
 
 
 # --- the stopping rule -------------------------------------------------------------------------
@@ -152,8 +137,8 @@ def test_onnxruntime_record_says_how_every_number_was_obtained(ort_art):
     json.dumps(r)   # JSON-able
 
 
-def test_openvino_runs_with_the_threads_and_precision_asked(tmp_path_factory):
-    art = tiny_artifact(tmp_path_factory, "openvino")
+def test_openvino_runs_with_the_threads_and_precision_asked(tiny_artifact):
+    art = tiny_artifact("openvino")
     r = profile_artifact(art, ProfileSettings(warmup=1, max_seconds=0.2, energy="none", per_layer=False))
     flags = r["environment"]["runtime_flags"]
     assert flags["INFERENCE_NUM_THREADS"] == "1" and "f32" in flags["INFERENCE_PRECISION_HINT"].replace("float", "f")

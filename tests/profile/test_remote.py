@@ -47,13 +47,8 @@ sys.exit(subprocess.run(["sh", "-c", " ".join(args[1:])]).returncode)  # adb she
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    from edge_compress.export import export_model
-    from edge_compress.models import create_detector
-
-    out = tmp_path_factory.mktemp("remote-artifact") / "art"
-    export_model(create_detector("ssdlite_mbv2", num_classes=3, input_size=64).eval(), "onnxruntime", out)
-    return out
+def artifact(ort_artifact):
+    return ort_artifact
 
 
 @pytest.fixture
