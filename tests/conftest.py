@@ -40,6 +40,17 @@ def tiny_synth(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def synth128(tmp_path_factory):
+    """Generated data matching the shipped conformance detectors (tests/assets/conformance:
+    128 px, same generator seed): 32 train / 8 val images, made once per session, never modified."""
+    from edge_compress.data.synth import generate_synthetic
+
+    root = tmp_path_factory.mktemp("synth128") / "data"
+    generate_synthetic(root, num_train=32, num_val=8, image_size=128, seed=11)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_synth, tmp_path_factory):
     """A yolo_tiny (width 0.25, 64 px) trained for one epoch on ``tiny_synth``: last.pt."""
     from edge_compress.models import create_detector

@@ -28,12 +28,8 @@ XFAIL: dict[tuple[str, str, str], str] = {}   # (backend, family, precision) -> 
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from edge_compress.data.synth import generate_synthetic
-
-    root = tmp_path_factory.mktemp("conformance") / "data"
-    generate_synthetic(root, num_train=32, num_val=8, image_size=128, seed=11)
-    return root
+def data(synth128):
+    return synth128
 
 
 @pytest.fixture(scope="module")

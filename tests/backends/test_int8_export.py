@@ -18,12 +18,8 @@ ASSET = Path(__file__).resolve().parents[1] / "assets" / "conformance" / "yolo_t
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from edge_compress.data.synth import generate_synthetic
-
-    root = tmp_path_factory.mktemp("int8") / "data"
-    generate_synthetic(root, num_train=24, num_val=8, image_size=128, seed=11)
-    return root
+def data(synth128):
+    return synth128
 
 
 @pytest.fixture(scope="module")
