@@ -70,20 +70,6 @@ def quick_checkpoints(tmp: Path):
     return {fam: QUICK_ASSETS / f"{name}.pt" for fam, name in FULL_MODELS.items()}, data
 
 
-def timed_pair(fp32, int8, x: np.ndarray, warmup: int, blocks: int, per_block: int) -> tuple[list[float], list[float]]:
-    """Alternating blocks of fp32 and int8 runs after a warm-up; per-run times in ms."""
-    for _ in range(warmup):
-        fp32(x), int8(x)
-    a, b = [], []
-    for _ in range(blocks):
-        for runner, out in ((fp32, a), (int8, b)):
-            for _ in range(per_block):
-                t = time.perf_counter()
-                runner(x)
-                out.append((time.perf_counter() - t) * 1e3)
-    return a, b
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shipped 128 px models, few repeats (mAP not meaningful)")
@@ -97,7 +83,7 @@ def main(argv=None) -> int:
 
     from edge_compress.backends import get_backend, list_backends
     from edge_compress.data.transforms import normalize
-    from edge_compress.export import export_checkpoint
+    from edge_compress.export import export_checkpoint, timed_pair
     from edge_compress.pipeline import open_split
     from edge_compress.quant import QuantConfig
 

@@ -124,25 +124,27 @@ def validate_int8(reference, runner: Runner, images: Sequence[np.ndarray], min_s
             "sqnr_db": sq, "min_sqnr_db": min_sqnr_db, "passed": True}
 
 
-def _median_ms(runner: Runner, x: np.ndarray, warmup: int, repeats: int) -> list[float]:
+def timed_pair(fp32: Runner, int8: Runner, x: np.ndarray, warmup: int, blocks: int,
+               per_block: int) -> tuple[list[float], list[float]]:
+    """Per-run times (ms) of two runners after a warm-up, in alternating blocks so machine drift
+    hits both alike."""
     for _ in range(warmup):
-        runner(x)
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        runner(x)
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
+        fp32(x), int8(x)
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(blocks):
+        for runner, out in ((fp32, a), (int8, b)):
+            for _ in range(per_block):
+                t = time.perf_counter()
+                runner(x)
+                out.append((time.perf_counter() - t) * 1e3)
+    return a, b
 
 
 def compare_latency(fp32: Runner, int8: Runner, x: np.ndarray, threads: int, warmup: int = 3,
                     repeats: int = 15) -> dict[str, Any]:
-    """int8 vs fp32 of one backend on this machine, interleaved in rounds so drift hits both alike."""
-    a, b = [], []
-    _median_ms(fp32, x, warmup, 0), _median_ms(int8, x, warmup, 0)
-    for _ in range(3):
-        a += _median_ms(fp32, x, 0, repeats // 3 or 1)
-        b += _median_ms(int8, x, 0, repeats // 3 or 1)
+    """int8 vs fp32 of one backend on this machine: p50 of each over 3 alternating blocks."""
+    a, b = timed_pair(fp32, int8, x, warmup, 3, repeats // 3 or 1)
     f, i = statistics.median(a), statistics.median(b)
     return {"device": "local", "threads": threads, "warmup": warmup, "repeats": len(a), "fp32_p50_ms": f,
             "int8_p50_ms": i, "int8_speedup": f / i if i > 0 else float("inf")}
