@@ -48,10 +48,11 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay on conv/linear weights only, never on BatchNorm or biases."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, extra_params=()) -> torch.optim.Optimizer:
+    """Weight decay on conv/linear weights only, never on BatchNorm or biases. ``extra_params``
+    (e.g. a distillation loss's adaptation layers) are trained alongside the model's."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in [*model.parameters(), *extra_params]:
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
@@ -118,11 +119,15 @@ def _check_resume(ckpt: dict, model, cfg: TrainConfig, path: Path) -> None:
 
 def train(model, train_data, cfg: TrainConfig, out_dir: str | Path, val_data=None,
           resume: bool = False, progress: bool = True, stop_after_epochs: int | None = None,
-          device: str = "cpu") -> TrainResult:
+          device: str = "cpu", extra_loss=None) -> TrainResult:
     """Train ``model`` in place; checkpoints go to ``out_dir/last.pt`` (every epoch)
     and ``out_dir/best.pt`` (best validation AP). ``stop_after_epochs`` ends the
     run early without changing the schedule (used to test resume). ``device`` is
-    a torch device ("cpu", or "cuda" where a GPU is at hand to train faster)."""
+    a torch device ("cpu", or "cuda" where a GPU is at hand to train faster).
+
+    ``extra_loss(model, x, raw, targets) -> (tensor, {name: float})`` is added to the
+    detector's loss at every step (distillation, a BN-scale L1 penalty, ...); when it has
+    ``parameters()`` (e.g. distillation's adaptation convs) they are optimised too."""
     out_dir = Path(out_dir)
     last = out_dir / "last.pt"
     if last.exists() and not resume:
@@ -132,7 +137,10 @@ def train(model, train_data, cfg: TrainConfig, out_dir: str | Path, val_data=Non
         raise ConfigError(f"training set has {len(train_data)} images, fewer than batch_size={cfg.batch_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
-    opt = build_optimizer(model, cfg)
+    if hasattr(extra_loss, "to"):
+        extra_loss.to(device)
+    extra_params = list(extra_loss.parameters()) if hasattr(extra_loss, "parameters") else []
+    opt = build_optimizer(model, cfg, extra_params)
     ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau) if cfg.ema else None
     start_epoch, history, best_ap, train_s = 0, [], -1.0, 0.0
     if resume and last.exists():
@@ -151,7 +159,8 @@ def train(model, train_data, cfg: TrainConfig, out_dir: str | Path, val_data=Non
     try:
         for epoch in range(start_epoch, end_epoch):
             t0 = time.perf_counter()
-            sums = _train_epoch(model, ema, opt, train_data, cfg, epoch, steps_per_epoch, total_steps, bar)
+            sums = _train_epoch(model, ema, opt, train_data, cfg, epoch, steps_per_epoch, total_steps, bar,
+                                extra_loss)
             train_s += time.perf_counter() - t0
             record = {"epoch": epoch, "train_s": round(train_s, 2), **sums}
             if val_data is not None and (epoch + 1 == cfg.epochs or
@@ -180,7 +189,8 @@ def _state(model, ema, opt, cfg, epoch, history, best_ap, train_s) -> dict[str, 
             "best_ap": best_ap, "train_s": train_s}
 
 
-def _train_epoch(model, ema, opt, data, cfg, epoch, steps_per_epoch, total_steps, bar) -> dict[str, float]:
+def _train_epoch(model, ema, opt, data, cfg, epoch, steps_per_epoch, total_steps, bar,
+                 extra_loss=None) -> dict[str, float]:
     model.train()
     if hasattr(model, "set_epoch"):
         model.set_epoch(epoch)
@@ -192,14 +202,20 @@ def _train_epoch(model, ema, opt, data, cfg, epoch, steps_per_epoch, total_steps
             g["lr"] = lr_at(step, total_steps, cfg)
         device = model.priors_t.device
         x = normalize_batch(images.to(device, non_blocking=True), model.input_spec)
-        loss, parts = model.loss(model(x), [t.to(device) for t in targets])
+        targets = [t.to(device) for t in targets]
+        raw = model(x)
+        loss, parts = model.loss(raw, targets)
+        if extra_loss is not None:
+            extra, extra_parts = extra_loss(model, x, raw, targets)
+            loss, parts = loss + extra, {**parts, **extra_parts}
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{model.name}: loss became {loss.item()} at epoch {epoch} step {i}; "
                                      "lower --lr or check the dataset's boxes")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            extra = list(extra_loss.parameters()) if hasattr(extra_loss, "parameters") else []
+            torch.nn.utils.clip_grad_norm_([*model.parameters(), *extra], cfg.grad_clip)
         opt.step()
         if ema is not None:
             ema.update(model)
