@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edge_compress.compress.layers import choose_layers, get_parent, weight_layers
+from edge_compress.compress.layers import check_names, choose_layers, get_parent, weight_layers
 from edge_compress.errors import ConfigError, require_known_keys
 from edge_compress.models.summary import LayerStats, summarize
 
@@ -100,10 +100,15 @@ class LowRankReport:
     params_after: int
     skipped: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def plan(self) -> dict[str, Any]:
+        """The structural change: per replaced layer its kind ("svd"/"tucker2") and ranks."""
+        return {"layers": {x.name: {"kind": x.kind, "ranks": list(x.ranks)} for x in self.layers}}
+
     def to_dict(self) -> dict[str, Any]:
         return {"macs_before": self.macs_before, "macs_after": self.macs_after,
                 "params_before": self.params_before, "params_after": self.params_after,
-                "skipped": dict(self.skipped),
+                "skipped": dict(self.skipped), "plan": self.plan,
                 "layers": {x.name: {"kind": x.kind, "ranks": list(x.ranks), "macs_before": x.macs_before,
                                     "macs_after": x.macs_after, "params_before": x.params_before,
                                     "params_after": x.params_after} for x in self.layers}}
@@ -130,21 +135,34 @@ def _svd_factors(w2d: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]
     return root[:, None] * vh[:r], u[:, :r] * root[None, :]
 
 
+def empty_chain(module: nn.Module, kind: str, ranks: tuple[int, ...]) -> nn.Sequential:
+    """The chain replacing ``module`` (placeholder weights): what ``svd_*``/``tucker2_conv`` fill and
+    what ``restructure`` rebuilds before a state_dict is loaded."""
+    bias = module.bias is not None
+    if isinstance(module, nn.Linear):
+        return nn.Sequential(nn.Linear(module.in_features, ranks[0], bias=False),
+                             nn.Linear(ranks[0], module.out_features, bias=bias))
+    conv, geometry = module, dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                                  bias=False, padding_mode=module.padding_mode)
+    if kind == "svd":
+        return nn.Sequential(nn.Conv2d(conv.in_channels, ranks[0], 1, **geometry),
+                             nn.Conv2d(ranks[0], conv.out_channels, 1, bias=bias))
+    r_in, r_out = ranks
+    return nn.Sequential(nn.Conv2d(conv.in_channels, r_in, 1, bias=False),
+                         nn.Conv2d(r_in, r_out, conv.kernel_size, **geometry),
+                         nn.Conv2d(r_out, conv.out_channels, 1, bias=bias))
+
+
 def svd_conv1x1(conv: nn.Conv2d, r: int) -> nn.Sequential:
     """A 1x1 conv as conv ``IC -> r`` (original stride/padding/dilation) then 1x1 conv ``r -> OC``."""
     a, b = _svd_factors(conv.weight.flatten(1), r)
-    first = nn.Conv2d(conv.in_channels, r, 1, conv.stride, conv.padding, conv.dilation, bias=False,
-                      padding_mode=conv.padding_mode)
-    second = nn.Conv2d(r, conv.out_channels, 1, bias=conv.bias is not None)
-    return _load(nn.Sequential(first, second), conv, [a[:, :, None, None], b[:, :, None, None]])
+    return _load(empty_chain(conv, "svd", (r,)), conv, [a[:, :, None, None], b[:, :, None, None]])
 
 
 def svd_linear(linear: nn.Linear, r: int) -> nn.Sequential:
     """A Linear layer as ``Linear(in, r)`` then ``Linear(r, out)`` with the original bias."""
     a, b = _svd_factors(linear.weight, r)
-    first = nn.Linear(linear.in_features, r, bias=False)
-    second = nn.Linear(r, linear.out_features, bias=linear.bias is not None)
-    return _load(nn.Sequential(first, second), linear, [a, b])
+    return _load(empty_chain(linear, "svd", (r,)), linear, [a, b])
 
 
 def tucker2_factors(weight: torch.Tensor, r_in: int, r_out: int) -> tuple[torch.Tensor, ...]:
@@ -159,11 +177,8 @@ def tucker2_factors(weight: torch.Tensor, r_in: int, r_out: int) -> tuple[torch.
 def tucker2_conv(conv: nn.Conv2d, r_in: int, r_out: int) -> nn.Sequential:
     """A KxK conv as 1x1 ``IC -> R_in``, KxK core ``R_in -> R_out`` (same geometry), 1x1 ``R_out -> OC``."""
     u_in, core, u_out = tucker2_factors(conv.weight, r_in, r_out)
-    first = nn.Conv2d(conv.in_channels, r_in, 1, bias=False)
-    middle = nn.Conv2d(r_in, r_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation, bias=False,
-                       padding_mode=conv.padding_mode)
-    last = nn.Conv2d(r_out, conv.out_channels, 1, bias=conv.bias is not None)
-    return _load(nn.Sequential(first, middle, last), conv, [u_in.T[:, :, None, None], core, u_out[:, :, None, None]])
+    return _load(empty_chain(conv, "tucker2", (r_in, r_out)), conv,
+                 [u_in.T[:, :, None, None], core, u_out[:, :, None, None]])
 
 
 def _load(chain: nn.Sequential, original: nn.Module, weights: list[torch.Tensor]) -> nn.Sequential:
@@ -270,3 +285,18 @@ def _decompose_one(model: nn.Module, name: str, module: nn.Module, stats: LayerS
         reason = f"ranks {plan.ranks} would not reduce MACs ({plan.macs} >= {stats.macs})"
     skipped[name] = reason
     return None
+
+
+def restructure(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Replace every layer of ``plan["layers"]`` (name -> kind, ranks) on a fresh detector by its
+    low-rank chain with placeholder weights, ready for the decomposed model's ``load_state_dict``."""
+    entries = dict(plan.get("layers", {}))
+    layers = weight_layers(model)
+    check_names(entries, layers, "lowrank plan")
+    for name, entry in entries.items():
+        if entry.get("kind") not in ("svd", "tucker2"):
+            raise ConfigError(f"lowrank plan: layer '{name}' has kind={entry.get('kind')!r}; expected 'svd' or "
+                              "'tucker2' (the plan was not written by decompose)")
+        parent, attr = get_parent(model, name)
+        chain = empty_chain(layers[name], entry["kind"], tuple(int(r) for r in entry["ranks"]))
+        setattr(parent, attr, chain.to(device=layers[name].weight.device, dtype=layers[name].weight.dtype))

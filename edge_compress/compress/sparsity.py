@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from edge_compress.compress.layers import choose_layers, weight_layers
+from edge_compress.compress.layers import check_names, choose_layers, weight_layers
 from edge_compress.errors import ConfigError, require_known_keys
 
 METHODS = ("magnitude", "lamp", "nm")
@@ -142,9 +142,14 @@ class SparsityReport:
         numel = sum(layer.numel for layer in self.layers)
         return sum(layer.zeros for layer in self.layers) / numel if numel else 0.0
 
+    @property
+    def plan(self) -> dict[str, Any]:
+        """The structural change: which layers carry a ``WeightMask`` (the masks are in the state_dict)."""
+        return {"masked": [x.name for x in self.layers]}
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "sparsity": self.sparsity, "params_total": self.params_total,
-                "params_nonzero": self.params_nonzero, "skipped": dict(self.skipped),
+                "params_nonzero": self.params_nonzero, "skipped": dict(self.skipped), "plan": self.plan,
                 "layers": {x.name: {"numel": x.numel, "zeros": x.zeros, "sparsity": x.sparsity}
                            for x in self.layers}}
 
@@ -282,6 +287,18 @@ def _param_counts(model: nn.Module) -> tuple[int, int]:
         if id(p) not in seen_masked:
             total, nonzero = total + p.numel(), nonzero + int((p.detach() != 0).sum())
     return total, nonzero
+
+
+def restructure(model: nn.Module, plan: dict[str, Any]) -> None:
+    """Re-attach an all-keep ``WeightMask`` to every layer of ``plan["masked"]`` on a fresh detector,
+    so that ``load_state_dict`` of the pruned model restores the masks and masked weights exactly."""
+    layers = weight_layers(model)
+    names = list(plan.get("masked", []))
+    check_names(names, layers, "sparsity plan")
+    for name in names:
+        module = layers[name]
+        if not parametrize.is_parametrized(module, "weight"):
+            parametrize.register_parametrization(module, "weight", WeightMask(torch.ones_like(module.weight)))
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
