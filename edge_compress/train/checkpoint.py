@@ -45,8 +45,13 @@ def build_from_config(model_config: dict[str, Any]):
 
 
 def load_detector(path: str | Path, use_ema: bool = True):
-    """A detector with the checkpoint's weights (the EMA weights when present)."""
+    """A detector with the checkpoint's weights (the EMA weights when present). A compressed
+    checkpoint (``edge_compress.compress.checkpoint``) is rebuilt from its steps' plans."""
     ckpt = read_checkpoint(path)
+    if ckpt.get("kind") == "edge_compress.compressed":
+        from edge_compress.compress.checkpoint import rebuild
+
+        return rebuild(ckpt, str(path))
     model = build_from_config(ckpt["model_config"])
     state = ckpt.get("ema", {}).get("module") if use_ema and ckpt.get("ema") else None
     model.load_state_dict(state if state is not None else ckpt["model"])
