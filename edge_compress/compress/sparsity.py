@@ -271,10 +271,10 @@ def prune_unstructured(model: nn.Module, config: SparsityConfig) -> SparsityRepo
 def _report(model: nn.Module, method: str, names: list[str], skipped: dict[str, str]) -> SparsityReport:
     layers = weight_layers(model)
     rows = tuple(LayerSparsity(n, layers[n].weight.numel(), int((layers[n].weight == 0).sum())) for n in names)
-    return SparsityReport(method, rows, *_param_counts(model), skipped)
+    return SparsityReport(method, rows, *effective_param_counts(model), skipped)
 
 
-def _param_counts(model: nn.Module) -> tuple[int, int]:
+def effective_param_counts(model: nn.Module) -> tuple[int, int]:
     """(total, nonzero) over the model's effective parameters (masked weights count as masked)."""
     total = nonzero = 0
     seen_masked = set()
