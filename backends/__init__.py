@@ -17,6 +17,7 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "openvino": ("ov", "OpenVinoBackend"),
     "litert": ("litert", "LiteRtBackend"),
     "tensorrt": ("tensorrt", "TensorRtBackend"),
+    "kernels": ("kernels", "KernelsBackend"),
 }
 
 __all__ = ["Backend", "ExportSource", "LayerTiming", "Runner", "get_backend", "list_backends"]

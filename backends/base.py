@@ -53,6 +53,7 @@ class ExportSource:
     calibration: dict[str, tuple[float, float]] | None = None
     calibration_inputs: tuple[np.ndarray, ...] = field(default=(), repr=False)
     keep_fp32: tuple[str, ...] = ()              # ONNX node names left in float (int8 only)
+    lowering: dict | None = None                 # per-layer kernel choice (LoweringConfig dict; kernels backend)
 
 
 class Backend(Protocol):

@@ -18,6 +18,7 @@ external ONNX detectors (``edge_compress.external``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -218,16 +219,20 @@ def _runtime_version(backend: Backend) -> str:
 def export_model(model, backend: str, out: str | os.PathLike, *, quant=None, source_sha256: str | None = None,
                  recipe: dict[str, Any] | None = None, data: str | os.PathLike | None = None,
                  split: str = "val", calib_split: str = "train", threads: int = 1,
-                 min_sqnr_db: float = INT8_MIN_SQNR_DB) -> Artifact:
+                 min_sqnr_db: float = INT8_MIN_SQNR_DB, lowering: dict[str, Any] | None = None) -> Artifact:
     """Export ``model`` (a zoo detector or an ``ExternalDetector``) for ``backend`` into the new
     folder ``out``, validated. ``quant`` (a ``QuantConfig``) makes it int8, calibrated on the
-    ``calib_split`` of ``data``; with ``data`` the mAP through the runtime is recorded."""
+    ``calib_split`` of ``data``; with ``data`` the mAP through the runtime is recorded.
+    ``lowering`` (a ``LoweringConfig`` dict, kernels backend only) picks each conv's kernel;
+    int8 layers in it need ``quant`` for the calibration."""
     be = get_backend(backend, require_available=False)
     runnable, why = be.available()
     if not runnable and not getattr(be, "exports_without_runtime", False):
         raise BackendUnavailableError(f"backend '{backend}' is not available here: {why}")
     if quant is not None and "int8" not in be.precisions:
         raise ConfigError(f"backend '{backend}' exports {', '.join(be.precisions)}, not int8")
+    if lowering is not None and be.name != "kernels":
+        raise ConfigError(f"lowering= picks kernels per layer for the 'kernels' backend, not '{backend}'")
     if quant is not None and data is None:
         raise ConfigError("an int8 export needs a dataset to calibrate on: pass --data (the calibration images "
                           f"come from its '{calib_split}' split)")
@@ -248,6 +253,8 @@ def export_model(model, backend: str, out: str | os.PathLike, *, quant=None, sou
             src = ExportSource(onnx=fp32_onnx, fp32_onnx=fp32_onnx, model=model if subject.is_torch else None)
         else:
             src, extra = _int8_source(subject, be, quant, fp32_onnx, calib_set, work, tmp)
+        if lowering is not None:
+            src = dataclasses.replace(src, lowering=lowering.to_dict() if hasattr(lowering, "to_dict") else dict(lowering))
         model_path = be.export(src, tmp)
         if hasattr(be, "manifest_extra"):
             extra.update(be.manifest_extra(src, tmp))
