@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_compress.compress.layers import check_names, get_parent, output_layers, weight_layers
-from edge_compress.compress.ste import binary_activation, float_bytes, layer_bytes, sign, ste
+from edge_compress.compress.ste import FrozenWeight, binary_activation, float_bytes, layer_bytes, sign, ste
 from edge_compress.errors import ConfigError, require_known_keys
 
 BACKBONE = "backbone."
@@ -69,17 +69,16 @@ class BinaryConfig:
         return cls(**d)
 
 
-class BinaryConv2d(nn.Conv2d):
+class BinaryConv2d(FrozenWeight, nn.Conv2d):
     """A ``Conv2d`` on sign inputs with ``sign(W) * alpha`` weights and +1 padding (see the module
     docstring). The state_dict is the Conv2d's (latent float ``weight``, ``bias``); the original
-    zero padding becomes ``one_padding`` and the conv itself runs at padding 0."""
+    zero padding becomes ``one_padding`` and the conv itself runs at padding 0. Inference and
+    export use the cached ``frozen_weight()`` (see ``FrozenWeight``)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  bias: bool = True):
         super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, 1, bias)
         self.one_padding = tuple(int(p) for p in nn.modules.utils._pair(padding))
-        self._frozen: torch.Tensor | None = None
-        self._frozen_key: tuple | None = None
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "BinaryConv2d":
@@ -96,29 +95,11 @@ class BinaryConv2d(nn.Conv2d):
         """XNOR-Net's per-output-channel scale: mean ``|W|`` over each filter, shape ``(OC,)``."""
         return self.weight.abs().mean(dim=(1, 2, 3))
 
-    def binary_weight(self) -> torch.Tensor:
+    def effective_weight(self) -> torch.Tensor:
         """``sign(W) * alpha[out]`` in the forward, the identity's gradient to ``W`` in the backward."""
         return ste(sign(self.weight) * self.alpha().view(-1, 1, 1, 1), self.weight)
 
-    def frozen_weight(self) -> torch.Tensor:
-        """``sign(W) * alpha`` as a plain tensor, recomputed only when ``W`` changed.
-
-        Inference uses it so that an ONNX trace sees a constant: computed inside the trace, the
-        sign/abs/mean chain on ``W`` would stay in the graph (the legacy exporter does not fold
-        it, onnxscript folds inputs of at most 8192 elements only), and the Conv's weight would
-        not be an initializer the lowering can read."""
-        key = (self.weight._version, self.weight.data_ptr(), self.weight.device)
-        if self._frozen is None or self._frozen_key != key:
-            with torch.no_grad():
-                self._frozen = sign(self.weight) * self.alpha().view(-1, 1, 1, 1)
-            self._frozen_key = key
-        return self._frozen
-
-    def train(self, mode: bool = True) -> "BinaryConv2d":
-        super().train(mode)
-        if not mode:
-            self.frozen_weight()   # refreshed before an export traces the model (export calls eval())
-        return self
+    binary_weight = effective_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xb = binary_activation(x)
@@ -127,9 +108,7 @@ class BinaryConv2d(nn.Conv2d):
             # all four dims given: the exporter then writes one Pad with constant pads (with two,
             # it builds them with ConstantOfShape, which onnxscript's optimizer does not fold)
             xb = F.pad(xb, (pw, pw, ph, ph, 0, 0, 0, 0), value=1.0)
-        grad = torch.is_grad_enabled() and self.weight.requires_grad
-        w = self.binary_weight() if grad else self.frozen_weight()
-        return F.conv2d(xb, w, self.bias, self.stride, 0, self.dilation, 1)
+        return F.conv2d(xb, self.layer_weight(), self.bias, self.stride, 0, self.dilation, 1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, one_padding={self.one_padding}"

@@ -73,3 +73,41 @@ def layer_bytes(module: nn.Module, weight_bits: float, extra_floats: int) -> int
     n = module.weight.numel()
     bias = getattr(module, "bias", None)
     return -(-int(n * weight_bits) // 8) + FP32_BYTES * (extra_floats + (bias.numel() if bias is not None else 0))
+
+
+class FrozenWeight:
+    """Mixin for a ``Conv2d``/``Linear`` subclass whose weight is computed from parameters
+    (a quantizer with an STE): ``layer_weight()`` gives the differentiable ``effective_weight()``
+    while autograd is on, else ``frozen_weight()``, the same values cached as a plain tensor.
+
+    Why the cache: an ONNX trace records the computation of a weight from a parameter as graph
+    ops; the legacy exporter does not fold them and onnxscript's optimizer folds only inputs of
+    at most 8192 elements, so the exported Conv would get a computed weight instead of an
+    initializer (which runtimes, the int8 quantizer and the lowering read). The cached tensor is
+    a constant to the tracer. It is refreshed whenever a source parameter changed (its version
+    counter, storage or device) and on ``eval()``, which the exporter calls before tracing."""
+
+    def effective_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_sources(self) -> tuple[torch.Tensor, ...]:
+        return (self.weight,)
+
+    def frozen_weight(self) -> torch.Tensor:
+        key = tuple((t._version, t.data_ptr(), str(t.device)) for t in self.weight_sources())
+        if self.__dict__.get("_frozen_key") != key:
+            with torch.no_grad():
+                self.__dict__["_frozen"] = self.effective_weight().detach()
+            self.__dict__["_frozen_key"] = key
+        return self.__dict__["_frozen"]
+
+    def layer_weight(self) -> torch.Tensor:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in self.weight_sources()):
+            return self.effective_weight()
+        return self.frozen_weight()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode:
+            self.frozen_weight()
+        return self
