@@ -7,13 +7,29 @@ as an int32 multiplier plus a power-of-two shift (``quantize_multiplier``), with
 SaturatingRoundingDoublingHighMul followed by RoundingDivideByPOT. Fused ReLU / ReLU6 are
 just a tighter ``[qmin, qmax]`` clamp.
 
+Speed: a conv is an implicit GEMM over "phase planes" (``phase_planes``): the padded input
+split by stride phase into planes whose rows are padded to a common width, so the input
+pixels under one kernel tap for a run of consecutive outputs are *contiguous* in memory and
+no im2col is built. The inner tile (``tile_intrinsic``) is written in LLVM IR: a block of
+output channels x a block of output pixels held in vector registers, one weight word
+broadcast per channel and one activation vector load per pixel block and tap. On a CPU with
+AVX-512 VNNI the int8 tile is VPDPBUSD (64 u8 x s8 products into 16 int32 per instruction,
+the instruction ONNX Runtime's MLAS uses); without it the direct int16 kernel runs.
+Depthwise convs (one input channel per group) run a separate direct kernel on the same
+planes, vectorised along output pixels.
+
 A leaf module: NumPy and numba only. Compiled kernels are cached on disk (``cache=True``).
 """
 
 from __future__ import annotations
 
+import llvmlite.binding as llvm_binding
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from edge_compress.errors import ConfigError
 
@@ -174,6 +190,147 @@ def conv_geometry(h: int, wd: int, kh: int, kw: int, stride, padding, dilation):
     return (sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow)
 
 
+# --------------------------------------------------------------------------- implicit-GEMM tiles
+
+_I32 = ir.IntType(32)
+
+
+def _splat(builder, value, vec_ty):
+    """``value`` broadcast to every lane of ``vec_ty`` (insertelement + zero shuffle)."""
+    undef = ir.Constant(vec_ty, ir.Undefined)
+    one = builder.insert_element(undef, value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, vec_ty.count), [0] * vec_ty.count))
+
+
+def tile_intrinsic(lanes: int, elem_bits: int, ob: int, pv: int, accumulate, finish):
+    """A numba intrinsic computing one output tile of ``ob`` channels x ``pv * lanes`` pixels.
+
+    ``tile(x, offs, wt, out, p0, oc0, extra)``: for each k, the activation vectors are
+    ``x[offs[k] + p0 + v * lanes:][:lanes]`` and channel ``oc0 + j`` broadcasts the weight word
+    ``wt[oc0 + j, k]``; ``accumulate(builder, acc, xv, wb)`` folds them into an accumulator
+    vector and ``finish(builder, acc, extra)`` turns it into ``lanes`` int32 stored at
+    ``out[oc0 + j, p0 + v * lanes:]``. The accumulators are allocas that LLVM promotes to
+    registers; weights are loaded once per k and channel, activations once per k and vector
+    (a register-blocked outer product, as in BLIS micro-kernels). No bounds checks: callers
+    pad x, wt and out to whole tiles.
+    """
+    vty = ir.VectorType(ir.IntType(elem_bits), lanes)
+    oty = ir.VectorType(_I32, lanes)
+
+    @intrinsic
+    def tile(typingctx, x, offs, wt, out, p0, oc0, extra):
+        sig = types.void(x, offs, wt, out, types.intp, types.intp, types.int64)
+
+        def codegen(context, builder, signature, args):
+            xa, oa, wa, outa = (context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:4], args[:4]))
+            p0v, oc0v, extra_v = args[4], args[5], args[6]
+            wk = builder.extract_value(wa.shape, 1)
+            row_len = builder.extract_value(outa.shape, 1)
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(vty, None)) for _ in range(pv)] for _ in range(ob)]
+            chans = [builder.add(oc0v, ir.Constant(oc0v.type, j)) for j in range(ob)]
+            wrows = [builder.gep(wa.data, [builder.mul(c, wk)]) for c in chans]
+            with cgutils.for_range(builder, builder.extract_value(oa.shape, 0)) as loop:
+                k = loop.index
+                base = builder.gep(xa.data, [builder.add(builder.load(builder.gep(oa.data, [k])), p0v)])
+                xs = [builder.load(builder.bitcast(builder.gep(base, [ir.Constant(k.type, lanes * v)]), vty.as_pointer()),
+                                   align=elem_bits // 8) for v in range(pv)]
+                for j in range(ob):
+                    wb = _splat(builder, builder.load(builder.gep(wrows[j], [k])), vty)
+                    for v in range(pv):
+                        builder.store(accumulate(builder, builder.load(accs[j][v]), xs[v], wb), accs[j][v])
+            for j in range(ob):
+                row = builder.gep(outa.data, [builder.add(builder.mul(chans[j], row_len), p0v)])
+                for v in range(pv):
+                    ptr = builder.bitcast(builder.gep(row, [ir.Constant(p0v.type, lanes * v)]), oty.as_pointer())
+                    builder.store(finish(builder, builder.load(accs[j][v]), extra_v), ptr, align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+def _vpdpbusd(builder, acc, xv, wb):
+    """acc[i] += sum_j u8(x[4i + j]) * s8(w[4i + j]): AVX-512 VNNI, no saturation (VPDPBUSD)."""
+    b8 = ir.VectorType(ir.IntType(8), 64)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(acc.type, [acc.type, b8, b8]),
+                                        "llvm.x86.avx512.vpdpbusd.512")
+    return builder.call(fn, [acc, builder.bitcast(xv, b8), builder.bitcast(wb, b8)])
+
+
+def _host_has_vnni() -> bool:
+    """VPDPBUSD is emitted only when numba compiles for this host and the host has AVX-512 VNNI
+    (LLVM >= 21 spells the intrinsic with <64 x i8> operands)."""
+    if numba.config.CPU_NAME not in (None, "host") or llvm_binding.llvm_version_info < (21,):
+        return False
+    return "+avx512vnni" in llvm_binding.get_host_cpu_features().flatten().split(",")
+
+
+USE_VNNI = _host_has_vnni()  # tests switch it off to cover the portable direct kernel
+_OB, _PV, _LANES = 6, 3, 16
+_PB = _PV * _LANES  # output pixels per tile
+_vnni_tile = tile_intrinsic(_LANES, 32, _OB, _PV, _vpdpbusd, lambda builder, acc, extra: acc)
+
+
+@numba.njit(cache=True, parallel=True)
+def _vnni_gemm(x, offs, wt, out):
+    """out (OCp, Pp) = implicit GEMM of weight quads wt (OCp, K) with the planes x at offs; parallel over pixel blocks."""
+    n_ob = wt.shape[0] // _OB
+    for pb in numba.prange(out.shape[1] // _PB):
+        for ob in range(n_ob):
+            _vnni_tile(x, offs, wt, out, pb * _PB, ob * _OB, 0)
+
+
+@numba.njit(cache=True)
+def _fill_planes(xw, fill, pt, pl, sh, sw, hs, ws, out):
+    """Padded pixel (a + sh*r, b + sw*q) of word plane i of xw (words, H, W) -> out[((i*sh + a)*sw + b)*hs*ws + r*ws + q]."""
+    nw, h, wd = xw.shape
+    for i in range(nw):
+        f = fill[i]
+        for a in range(sh):
+            for b in range(sw):
+                base = ((i * sh + a) * sw + b) * hs * ws
+                q0 = min(max(0, -(-(pl - b) // sw)), ws)  # the columns q that fall inside the input
+                q1 = min(max(q0, -(-(wd + pl - b) // sw)), ws)
+                for r in range(hs):
+                    row, o = a + sh * r - pt, base + r * ws
+                    inside = 0 <= row < h
+                    for q in range(ws if not inside else q0):
+                        out[o + q] = f
+                    if inside:
+                        c0 = b + sw * q0 - pl
+                        for q in range(q1 - q0):
+                            out[o + q0 + q] = xw[i, row, c0 + sw * q]
+                        for q in range(q1, ws):
+                            out[o + q] = f
+
+
+class Planes:
+    """Phase planes of one image and the flat offsets of every (tap, word) for an implicit GEMM.
+
+    Output pixel (oh, ow) is flat index ``oh * ws + ow`` (columns ow >= OW are computed and
+    dropped); the input word under tap (kh, kw) for it is ``x[offs[k] + oh * ws + ow]``,
+    contiguous in ow for every stride because each stride phase has its own plane.
+    """
+
+    def __init__(self, xw, fill, kh: int, kw: int, stride, dilation, pads, out_hw, block: int):
+        """xw: (words, H, W) planes of one image, ``fill[i]``: the padding value of word i."""
+        (sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow) = stride, dilation, pads, out_hw
+        nw, h, wd = xw.shape
+        self.hs, self.ws = -(-(h + pt + pb) // sh), -(-(wd + pl + pr) // sw)
+        plane = self.hs * self.ws
+        self.pixels = oh * self.ws
+        self.padded = -(-self.pixels // block) * block
+        self.x = np.zeros(nw * sh * sw * plane + self.padded + plane, xw.dtype)
+        _fill_planes(xw, fill, pt, pl, sh, sw, self.hs, self.ws, self.x)
+        taps = [((i * dh) % sh * sw + (j * dw) % sw, (i * dh) // sh * self.ws + (j * dw) // sw)
+                for i in range(kh) for j in range(kw)]
+        self.tap_phase = np.array([t[0] for t in taps], np.int64)
+        self.tap_off = np.array([t[1] for t in taps], np.int64)
+        word = np.arange(nw, dtype=np.int64) * (sh * sw * plane)
+        self.offs = (self.tap_phase[:, None] * plane + self.tap_off[:, None] + word[None, :]).ravel()
+
+
 # --------------------------------------------------------------------------- GEMM
 
 
@@ -249,6 +406,141 @@ def _conv_i32(xp, w, bias, sh, sw, dh, dw, groups, out):
                 out[n, oc, oh, ow] = acc
 
 
+@numba.njit(cache=True, parallel=True)
+def _depthwise_acc(x, nphase, plane, tap_phase, tap_off, w, x_zp, mult, acc):
+    """acc[oc, p] = sum_t (x - x_zp) * w[oc, t] over the planes of input channel oc // mult.
+
+    One output channel per task, accumulated in a local int32 row; the pixel loop is
+    contiguous for every tap, so LLVM vectorises it.
+    """
+    oc_n, pixels = acc.shape
+    for oc in numba.prange(oc_n):
+        c = oc // mult
+        row = np.zeros(pixels, np.int32)
+        for t in range(tap_phase.shape[0]):
+            base = (c * nphase + tap_phase[t]) * plane + tap_off[t]
+            wv = np.int32(w[oc, t])
+            zw = np.int32(x_zp) * wv
+            src = x[base:base + pixels]
+            for p in range(pixels):
+                row[p] += np.int32(src[p]) * wv - zw
+        acc[oc, :] = row
+
+
+@numba.njit(cache=True)
+def _window_sums(xb, n_words, nphase, plane, tap_phase, tap_off, xsum):
+    """xsum[p] = sum of the input bytes under output pixel p's window (needed for w_zp != 0)."""
+    per_phase = np.zeros((nphase, plane + xsum.shape[0]), np.int64)
+    for i in range(n_words):
+        for ph in range(nphase):
+            base = (i * nphase + ph) * plane * 4
+            for pos in range(plane * 4):
+                per_phase[ph, pos // 4] += xb[base + pos]
+    for p in range(xsum.shape[0]):
+        xsum[p] = 0
+    for t in range(tap_phase.shape[0]):
+        for p in range(xsum.shape[0]):
+            xsum[p] += per_phase[tap_phase[t], tap_off[t] + p]
+
+
+@numba.njit(cache=True, inline="always")
+def _requant_lanes(v, m, left, right, mask, half):
+    """_mul_by_quantized_multiplier without branches (selects), so the epilogue vectorises.
+
+    Multipliers from quantize_multiplier are never INT32_MIN, so SRDHM's one saturating
+    case cannot occur and is left out.
+    """
+    v = min(max(v << left, _INT32_MIN), _INT32_MAX)
+    ab = v * m
+    t = ab + ((1 << 30) if ab >= 0 else (1 - (1 << 30)))
+    hi = (t >> 31) if t >= 0 else -((-t) >> 31)
+    return (hi >> right) + (1 if (hi & mask) > half + (1 if hi < 0 else 0) else 0)
+
+
+@numba.njit(cache=True, parallel=True)
+def _epilogue(acc, ws, corr, wz, xsum, mult, shift, out_zp, qmin, qmax, requant, out):
+    """out[oc, oh, ow] = acc[oc, oh*ws + ow] + corr[oc] - wz[oc] * xsum[.] in int32, then optionally requantised."""
+    oc_n, oh_n, ow_n = out.shape
+    for oc in numba.prange(oc_n):
+        c0, z, m, s = corr[oc], wz[oc], np.int64(mult[oc]), np.int64(shift[oc])
+        left, right = max(s, 0), max(-s, 0)
+        mask = (np.int64(1) << right) - 1
+        half = mask >> 1
+        for oh in range(oh_n):
+            row, dst = acc[oc, oh * ws:oh * ws + ow_n], out[oc, oh]
+            xs = xsum[oh * ws:oh * ws + ow_n] if z != 0 else xsum[:0]
+            for ow in range(ow_n):
+                v = np.int64(row[ow]) + c0
+                if z != 0:
+                    v -= z * xs[ow]
+                v = np.int64(np.int32(v))  # int32 accumulator semantics
+                if requant:
+                    v = min(max(_requant_lanes(v, m, left, right, mask, half) + out_zp, qmin), qmax)
+                dst[ow] = v
+
+
+def _as_uint8(x: np.ndarray, x_zp: int) -> tuple[np.ndarray, int]:
+    """int8 -> uint8 by flipping the sign bit (q + 128) and moving the zero point alike: same differences."""
+    if x.dtype == np.int8:
+        return x.view(np.uint8) ^ np.uint8(0x80), int(x_zp) + 128
+    return x, int(x_zp)
+
+
+def _quads(xc: np.ndarray, cpad: int) -> np.ndarray:
+    """(C, H, W) -> (cpad/4, H, W, 4): channel 4j + t is byte t of word j, pad channels 0."""
+    c, h, wd = xc.shape
+    q = np.zeros((cpad, h, wd), xc.dtype)
+    q[:c] = xc
+    return q.reshape(cpad // 4, 4, h, wd).transpose(0, 2, 3, 1)
+
+
+def _conv_vnni(x, w, groups, geo, b32, x_zp, wzp, req, out) -> None:
+    """Grouped conv as one VNNI implicit GEMM per (image, group); see the module doc."""
+    stride, dilation, pads, (oh, ow) = geo
+    n, _, h, wd = x.shape
+    oc, icg, kh, kw = w.shape
+    ocg, cpad = oc // groups, -(-icg // 4) * 4
+    xu, xz = _as_uint8(x, x_zp)
+    fill = np.zeros(cpad, np.uint8)
+    fill[:icg] = xz  # padding holds the zero point on real channels, 0 on the pad channels
+    for g in range(groups):
+        sel = slice(g * ocg, (g + 1) * ocg)
+        wg = w[sel]
+        ocp = -(-ocg // _OB) * _OB
+        wq = np.zeros((ocp, kh, kw, cpad), np.int8)
+        wq[:ocg, :, :, :icg] = wg.transpose(0, 2, 3, 1)
+        wt = wq.reshape(ocp, -1).view(np.int32)
+        zg = wzp[sel].astype(np.int64)
+        # sum (x-xz)(w-wz) = sum xw - xz sum w - wz sum x + K xz wz (the kernel computes sum xw)
+        corr = b32[sel].astype(np.int64) - xz * wg.reshape(ocg, -1).sum(axis=1, dtype=np.int64) + icg * kh * kw * xz * zg
+        for i in range(n):
+            xw = np.ascontiguousarray(_quads(xu[i, g * icg:(g + 1) * icg], cpad)).view(np.int32)[..., 0]
+            pl = Planes(xw, fill.view(np.int32), kh, kw, stride, dilation, pads, (oh, ow), _PB)
+            acc = np.empty((ocp, pl.padded), np.int32)
+            _vnni_gemm(pl.x, pl.offs, wt, acc)
+            xsum = np.zeros(pl.pixels, np.int64)
+            if np.any(zg):
+                _window_sums(pl.x.view(np.uint8), cpad // 4, stride[0] * stride[1], pl.hs * pl.ws,
+                             pl.tap_phase, pl.tap_off, xsum)
+            _epilogue(acc, pl.ws, corr, zg, xsum, req[0][sel], req[1][sel], *req[2:], out[i, sel])
+
+
+def _conv_depthwise(x, w, geo, b32, x_zp, wzp, req, out) -> None:
+    """One input channel per group (OC = mult * C): direct kernel on the phase planes."""
+    stride, dilation, pads, (oh, ow) = geo
+    n, c = x.shape[:2]
+    oc, _, kh, kw = w.shape
+    w32 = (w.reshape(oc, kh * kw).astype(np.int32) - wzp[:, None]).astype(np.int32)
+    fill = np.full(c, x_zp, x.dtype)
+    zero = np.zeros(oc, np.int64)
+    for i in range(n):
+        pl = Planes(x[i], fill, kh, kw, stride, dilation, pads, (oh, ow), 1)
+        acc = np.empty((oc, pl.pixels), np.int32)
+        _depthwise_acc(pl.x, stride[0] * stride[1], pl.hs * pl.ws, pl.tap_phase, pl.tap_off, w32,
+                       np.int32(x_zp), oc // c, acc)
+        _epilogue(acc, pl.ws, b32.astype(np.int64), zero, np.zeros(1, np.int64), *req, out[i])
+
+
 def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dilation=1, groups: int = 1,
                 multiplier=None, shift=None, out_zp: int = 0, qmin: int | None = None, qmax: int | None = None,
                 out_dtype=np.int8) -> np.ndarray:
@@ -277,17 +569,41 @@ def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dil
     (sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow) = conv_geometry(h, wd, kh, kw, stride, padding, dilation)
     b32 = np.zeros(oc, np.int32) if bias is None else _per_channel(bias, oc, "bias", np.int32)
     wzp = _per_channel(w_zp, oc, "w_zp", np.int32)
-    # Subtract the zero points once; padding with 0 here == padding x with x_zp (see docstring).
-    # x - x_zp and w - w_zp lie in [-255, 255]: int16 operands, products and sums in int32.
     _check_zero_point("x_zp", x_zp, x.dtype)
     _check_zero_point("w_zp", wzp, w.dtype)
-    xs = x.astype(np.int16) - np.int16(x_zp)
-    xp = np.ascontiguousarray(np.pad(xs, ((0, 0), (0, 0), (pt, pb), (pl, pr))).transpose(0, 2, 3, 1))
-    ws = np.ascontiguousarray((w.astype(np.int16) - wzp.astype(np.int16)[:, None, None, None]).transpose(0, 2, 3, 1))
-    acc = np.empty((n, oc, oh, ow), dtype=np.int32)
-    _conv_i32(xp, ws, b32, sh, sw, dh, dw, groups, acc)
-    if multiplier is None:
-        return acc
-    if shift is None:
+    requant = multiplier is not None
+    if requant and shift is None:
         raise ConfigError("requantised conv needs both multiplier and shift (from quantize_multiplier)")
-    return requantize(acc, multiplier, shift, out_zp, qmin, qmax, axis=1, out_dtype=out_dtype)
+    depthwise = icg == 1
+    if not (depthwise or USE_VNNI):
+        acc = np.empty((n, oc, oh, ow), dtype=np.int32)
+        _conv_i32(_padded_nhwc(x, x_zp, (pt, pl, pb, pr)), _weights_ohwi(w, wzp), b32, sh, sw, dh, dw, groups, acc)
+        if not requant:
+            return acc
+        return requantize(acc, multiplier, shift, out_zp, qmin, qmax, axis=1, out_dtype=out_dtype)
+    lo, hi = _dtype_range(out_dtype) if requant else (_INT32_MIN, _INT32_MAX)
+    qmin = lo if qmin is None else int(qmin)
+    qmax = hi if qmax is None else int(qmax)
+    if requant and not lo <= qmin <= qmax <= hi:
+        raise ConfigError(f"need {lo} <= qmin <= qmax <= {hi} for {np.dtype(out_dtype)}, got qmin={qmin}, qmax={qmax}")
+    mult = _per_channel(multiplier if requant else 0, oc, "multiplier", np.int32)
+    shf = _per_channel(shift if requant else 0, oc, "shift", np.int32)
+    req = (mult, shf, np.int64(out_zp), np.int64(qmin), np.int64(qmax), requant)
+    out = np.empty((n, oc, oh, ow), dtype=out_dtype if requant else np.int32)
+    geo = ((sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow))
+    if depthwise:
+        _conv_depthwise(x, w, geo, b32, int(x_zp), wzp, req, out)
+    else:
+        _conv_vnni(x, w, groups, geo, b32, int(x_zp), wzp, req, out)
+    return out
+
+
+def _padded_nhwc(x, x_zp, pads) -> np.ndarray:
+    """x - x_zp as int16, zero-padded, channels last (the portable direct kernel's input)."""
+    pt, pl, pb, pr = pads
+    xs = x.astype(np.int16) - np.int16(x_zp)
+    return np.ascontiguousarray(np.pad(xs, ((0, 0), (0, 0), (pt, pb), (pl, pr))).transpose(0, 2, 3, 1))
+
+
+def _weights_ohwi(w, wzp) -> np.ndarray:
+    return np.ascontiguousarray((w.astype(np.int16) - wzp.astype(np.int16)[:, None, None, None]).transpose(0, 2, 3, 1))
