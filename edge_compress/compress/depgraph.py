@@ -296,6 +296,8 @@ class _LabelRunner(fx.Interpreter):
         src_lab = self._lab(src)
         if isinstance(src_lab, torch.Tensor) and src_lab.dim() == 1:
             self._couple_split(n, src, src_lab.numel())
+            if n.target in ("view", "reshape", torch.reshape) and isinstance(value, torch.Tensor):
+                self._couple_reshape(n, src, value)
         args = fx.node.map_aggregate(n.args, self._full)
         kwargs = fx.node.map_aggregate(n.kwargs, self._full)
         if n.op == "call_method":
@@ -305,6 +307,26 @@ class _LabelRunner(fx.Interpreter):
         return self._as_labels(result)
 
     # ---- channel splits
+    def _couple_reshape(self, n: fx.Node, src: fx.Node, value: torch.Tensor) -> None:
+        """A view that factors the channels, ``(N, C, H, W) -> (N, g, C // g, H, W)`` (channel shuffle):
+        the pruned view stays the same map when every outer row loses the same inner positions, so
+        positions equal modulo the innermost factor are merged; a literal innermost factor freezes them."""
+        lab, c = self.labels[src].long().tolist(), len(self.labels[src])
+        shape, k, prod = tuple(value.shape), 1, 1
+        while k < len(shape) and prod < c:
+            prod, k = prod * shape[k], k + 1
+        if prod != c or k <= 2 or shape[0] != self.env[src].shape[0]:
+            return                                       # channels not factored (kept, or merged away)
+        sizes = _reshape_sizes(n)
+        inner = sizes[k - 1] if len(sizes) == len(shape) else None
+        if not isinstance(inner, fx.Node) and inner != -1:
+            self.slots.freeze(torch.tensor(lab, dtype=torch.float64),
+                              f"factored by '{n.name}' with a literal size (pruning would break the view)")
+            return
+        part = shape[k - 1]
+        for i in range(part, c):
+            self.slots.union(lab[i % part], lab[i])
+
     def _couple_split(self, n: fx.Node, src: fx.Node, c: int) -> None:
         """Make a channel split stay right after pruning (see the module docstring, item 4)."""
         dim = _split_dim(n)
@@ -324,6 +346,11 @@ class _LabelRunner(fx.Interpreter):
             end = min(max(bounds, default=0), c)
             reason = f"before a literal channel bound {end} of '{n.name}' (pruning them would shift it)"
             self.slots.freeze(torch.tensor(lab[:end], dtype=torch.float64), reason)
+
+
+def _reshape_sizes(n: fx.Node) -> list:
+    sizes = n.args[1:]
+    return list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else list(sizes)
 
 
 def _gcd(a: int, b: int) -> int:
