@@ -412,7 +412,8 @@ def _run(model, recipe: Recipe, train_ds, val_ds, teacher, staging: Path, progre
 
 
 def _row_text(r: StageRow) -> str:
-    return f"  {r.stage:<28} params {r.params / 1e6:8.4f} M (nonzero {r.params_nonzero / 1e6:.4f} M)  GFLOPs {r.gflops:8.4f}  AP {r.ap:.4f}  AP50 {r.ap50:.4f}"
+    return (f"  {r.stage:<28} params {r.params / 1e6:8.4f} M (nonzero {r.params_nonzero / 1e6:.4f} M)  "
+            f"GFLOPs {r.gflops:8.4f}  AP {r.ap:.4f}  AP50 {r.ap50:.4f}")
 
 
 def _write(staging: Path, model: nn.Module, recipe: Recipe, result: CompressResult) -> None:
