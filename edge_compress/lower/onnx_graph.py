@@ -75,22 +75,17 @@ def unsupported(node, why: str) -> ConfigError:
 def parse(model) -> OnnxGraph:
     """Constants, shapes and wiring of an ONNX model; unknown ops and attribute values are errors."""
     import onnx
-    from onnx import numpy_helper
 
+    model, consts = _folded(model)
     model = onnx.shape_inference.infer_shapes(model)
     g = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     shapes: dict[str, tuple[int, ...]] = {}
     for v in list(g.input) + list(g.value_info) + list(g.output):
         dims = v.type.tensor_type.shape.dim
         if dims and all(d.HasField("dim_value") for d in dims):
             shapes[v.name] = tuple(int(d.dim_value) for d in dims)
-    nodes, producer, consumers = [], {}, {}
-    for n in g.node:
-        if n.op_type == "Constant":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-            continue
-        nodes.append(n)
+    nodes, producer, consumers = list(g.node), {}, {}
+    for n in nodes:
         for o in n.output:
             producer[o] = n
         for i in n.input:
@@ -102,6 +97,41 @@ def parse(model) -> OnnxGraph:
     for n in nodes:
         check_attrs(og, n)
     return og
+
+
+def _folded(model):
+    """A copy of ``model`` whose Constant nodes and all-constant nodes are evaluated into
+    initializers (so shape inference sees them), and the constants by name."""
+    import onnx
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=17)
+    kept = []
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+        elif n.input and all(i == "" or i in consts for i in n.input):
+            _fold(n, consts, opset)
+        else:
+            kept.append(n)
+    used = {i for n in kept for i in n.input}
+    g = model.graph
+    graph = onnx.helper.make_graph(kept, g.name, list(g.input), list(g.output),
+                                   [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items() if k in used])
+    return onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version), consts
+
+
+def _fold(node, consts: dict[str, np.ndarray], opset: int) -> None:
+    """Evaluate a node whose inputs are all constants (the pad-amount arithmetic torch writes for
+    ``F.pad``) with onnx's reference evaluator; its outputs become constants."""
+    from onnx.reference import ReferenceEvaluator
+
+    try:
+        outs = ReferenceEvaluator(node, opsets={"": opset}).run(None, {i: consts[i] for i in node.input if i})
+    except Exception as e:  # the reference evaluator raises plain exceptions of many kinds
+        raise unsupported(node, f"its constant inputs could not be folded ({type(e).__name__}: {e})") from e
+    consts.update({o: np.asarray(v) for o, v in zip(node.output, outs) if o})
 
 
 def check_attrs(g: OnnxGraph, node) -> None:
