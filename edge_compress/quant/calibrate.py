@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -24,22 +24,25 @@ from edge_compress.quant.config import QuantConfig
 @dataclass(frozen=True)
 class CalibrationTable:
     """Per-tensor activation ranges. ``observed`` keeps the raw min/max next to the
-    calibrator's (possibly clipped) ``ranges``."""
+    calibrator's (possibly clipped) ``ranges``; ``notes`` (JSON-able) says where ranges came
+    from when not from ``calibrate`` alone (QAT: ``edge_compress.compress.qat.qat_calibration``)."""
 
     calibrator: str
     num_images: int
     ranges: dict[str, tuple[float, float]]
     observed: dict[str, tuple[float, float]] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"calibrator": self.calibrator, "num_images": self.num_images,
-                "ranges": {k: [float(a), float(b)] for k, (a, b) in self.ranges.items()},
-                "observed": {k: [float(a), float(b)] for k, (a, b) in self.observed.items()}}
+        d = {"calibrator": self.calibrator, "num_images": self.num_images,
+             "ranges": {k: [float(a), float(b)] for k, (a, b) in self.ranges.items()},
+             "observed": {k: [float(a), float(b)] for k, (a, b) in self.observed.items()}}
+        return {**d, "notes": self.notes} if self.notes else d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CalibrationTable":
         return cls(d["calibrator"], int(d["num_images"]), {k: (float(a), float(b)) for k, (a, b) in d["ranges"].items()},
-                   {k: (float(a), float(b)) for k, (a, b) in d.get("observed", {}).items()})
+                   {k: (float(a), float(b)) for k, (a, b) in d.get("observed", {}).items()}, dict(d.get("notes", {})))
 
 
 def calibration_images(dataset, num_images: int, seed: int = 0) -> list[np.ndarray]:
@@ -65,8 +68,9 @@ def float_tensors(model) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def collect_stats(onnx_path: Path, inputs: Sequence[np.ndarray], bins: int) -> dict[str, TensorStats]:
-    """Two passes over ``inputs`` (float32 ``(1, C, H, W)`` each) through ORT."""
+def tensor_runner(onnx_path: Path) -> tuple[list[str], Callable[[np.ndarray], Iterable[tuple[str, np.ndarray]]]]:
+    """(names of every float tensor, ``x -> (name, value)`` for each of them) through ORT, with
+    graph optimizations off so that every tensor of the graph is kept."""
     import onnx
     import onnxruntime as ort
 
@@ -87,6 +91,12 @@ def collect_stats(onnx_path: Path, inputs: Sequence[np.ndarray], bins: int) -> d
         yield in_name, x
         yield from zip(out_names, sess.run(out_names, {in_name: x}))
 
+    return names, run
+
+
+def collect_stats(onnx_path: Path, inputs: Sequence[np.ndarray], bins: int) -> dict[str, TensorStats]:
+    """Two passes over ``inputs`` (float32 ``(1, C, H, W)`` each) through ORT."""
+    names, run = tensor_runner(onnx_path)
     stats = {n: TensorStats() for n in names}
     for x in inputs:
         for name, v in run(x):
