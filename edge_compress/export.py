@@ -219,12 +219,15 @@ def _runtime_version(backend: Backend) -> str:
 def export_model(model, backend: str, out: str | os.PathLike, *, quant=None, source_sha256: str | None = None,
                  recipe: dict[str, Any] | None = None, data: str | os.PathLike | None = None,
                  split: str = "val", calib_split: str = "train", threads: int = 1,
-                 min_sqnr_db: float = INT8_MIN_SQNR_DB, lowering: dict[str, Any] | None = None) -> Artifact:
+                 min_sqnr_db: float = INT8_MIN_SQNR_DB, lowering: dict[str, Any] | None = None,
+                 calibration=None) -> Artifact:
     """Export ``model`` (a zoo detector or an ``ExternalDetector``) for ``backend`` into the new
     folder ``out``, validated. ``quant`` (a ``QuantConfig``) makes it int8, calibrated on the
     ``calib_split`` of ``data``; with ``data`` the mAP through the runtime is recorded.
     ``lowering`` (a ``LoweringConfig`` dict, kernels backend only) picks each conv's kernel;
-    int8 layers in it need ``quant`` for the calibration."""
+    int8 layers in it need ``quant`` for the calibration. ``calibration`` (a ``CalibrationTable``
+    computed on this model's fp32 ONNX graph, e.g. by QAT's ``qat_calibration``) replaces our
+    calibrator: its ranges quantize the graph as they are."""
     be = get_backend(backend, require_available=False)
     runnable, why = be.available()
     if not runnable and not getattr(be, "exports_without_runtime", False):
@@ -233,6 +236,11 @@ def export_model(model, backend: str, out: str | os.PathLike, *, quant=None, sou
         raise ConfigError(f"backend '{backend}' exports {', '.join(be.precisions)}, not int8")
     if lowering is not None and be.name != "kernels":
         raise ConfigError(f"lowering= picks kernels per layer for the 'kernels' backend, not '{backend}'")
+    if calibration is not None and quant is None:
+        raise ConfigError("calibration= gives the activation ranges of an int8 export: pass quant=QuantConfig(...) "
+                          "too (per-channel weights, kept layers)")
+    if calibration is not None and not hasattr(calibration, "ranges"):
+        raise ConfigError(f"calibration= must be a CalibrationTable, not {type(calibration).__name__}")
     if quant is not None and data is None:
         raise ConfigError("an int8 export needs a dataset to calibrate on: pass --data (the calibration images "
                           f"come from its '{calib_split}' split)")
@@ -252,7 +260,7 @@ def export_model(model, backend: str, out: str | os.PathLike, *, quant=None, sou
         if quant is None:
             src = ExportSource(onnx=fp32_onnx, fp32_onnx=fp32_onnx, model=model if subject.is_torch else None)
         else:
-            src, extra = _int8_source(subject, be, quant, fp32_onnx, calib_set, work, tmp)
+            src, extra = _int8_source(subject, be, quant, fp32_onnx, calib_set, work, tmp, calibration)
         if lowering is not None:
             src = dataclasses.replace(src, lowering=lowering.to_dict() if hasattr(lowering, "to_dict") else dict(lowering))
         model_path = be.export(src, tmp)
@@ -283,7 +291,7 @@ def export_model(model, backend: str, out: str | os.PathLike, *, quant=None, sou
     return load_artifact(write_artifact(out, build))
 
 
-def _int8_source(subject, be, quant, fp32_onnx: Path, calib_set, work: Path, tmp: Path):
+def _int8_source(subject, be, quant, fp32_onnx: Path, calib_set, work: Path, tmp: Path, given=None):
     from edge_compress.backends.onnx_export import conv_node_names
     from edge_compress.data.transforms import normalize
     from edge_compress.quant import calibrate, calibration_images
@@ -291,7 +299,7 @@ def _int8_source(subject, be, quant, fp32_onnx: Path, calib_set, work: Path, tmp
 
     spec = subject.model.input_spec
     inputs = tuple(normalize(img[None], spec) for img in calibration_images(calib_set, quant.num_images, quant.seed))
-    table = calibrate(fp32_onnx, inputs, quant)
+    table = calibrate(fp32_onnx, inputs, quant) if given is None else given
     keep = resolve_layers(quant.keep_fp32, conv_node_names(fp32_onnx), subject.module_map(fp32_onnx))
     symmetric = be.qdq_activations == "symmetric"
     qdq = quantize_onnx(fp32_onnx, table, work / "int8.onnx", keep_fp32=keep, per_channel=quant.per_channel,
@@ -303,6 +311,7 @@ def _int8_source(subject, be, quant, fp32_onnx: Path, calib_set, work: Path, tmp
     extra = {"quantization": {
         "config": quant.to_dict(), "calibration_file": CALIBRATION_FILE,
         "calibration_split": calib_set.coco_gt_path.name, "calibration_images": len(inputs),
+        "calibration_source": "ptq" if given is None else given.notes.get("source", "given"),
         "weights": "int8 symmetric " + ("per output channel" if quant.per_channel else "per tensor"),
         "activations": "int8 symmetric per tensor (zero point 0)" if symmetric else "uint8 asymmetric per tensor",
         "kept_fp32": list(qdq.kept_fp32), "quantized_layers": len(qdq.quantized)}}
