@@ -73,11 +73,13 @@ def restructure_steps(model: nn.Module, steps: list[AppliedStep | dict[str, Any]
     """Replay each step's ``restructure(model, plan)`` in order on ``model`` (in place)."""
     from edge_compress.compress.recipe import method_entry
 
-    for i, step in enumerate(_as_step(s) for s in steps):
+    steps = [_as_step(s) for s in steps]
+    for i, step in enumerate(steps):
         try:
             method_entry(step.method).restructure()(model, step.plan)
         except ConfigError as e:
             raise ConfigError(f"compressed checkpoint step {i} ({step.method}): {e}") from e
+    model.compression_steps = [s.to_dict() for s in steps]   # carried into later checkpoints of this model
     return model
 
 

@@ -363,6 +363,9 @@ def compress(model: nn.Module, recipe: Recipe, data, out: str | Path, progress: 
     if out.exists():
         raise ArtifactError(f"{out} already exists; choose a new --out directory (results are never overwritten)")
     log = log or (lambda msg: None)
+    prior = [AppliedStep.from_dict(s) for s in getattr(model, "compression_steps", None) or []]
+    check_order(_as_recipe_steps(prior, recipe.source) + recipe.steps, f"{recipe.source} (after the model's "
+                f"earlier steps {[s.method for s in prior]})" if prior else recipe.source)
     train_ds, val_ds = _open_data(model, data)
     model.cpu().eval()
     teacher = copy.deepcopy(model).eval() if any(s.distill and s.distill.teacher is None for s in recipe.steps) \
@@ -370,7 +373,7 @@ def compress(model: nn.Module, recipe: Recipe, data, out: str | Path, progress: 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        result = _run(model, recipe, train_ds, val_ds, teacher, staging, progress, device, log)
+        result = _run(model, recipe, train_ds, val_ds, teacher, staging, progress, device, log, prior)
         _write(staging, model, recipe, result)
         shutil.rmtree(staging / "finetune", ignore_errors=True)
         if out.exists():
@@ -383,11 +386,17 @@ def compress(model: nn.Module, recipe: Recipe, data, out: str | Path, progress: 
     return result
 
 
+def _as_recipe_steps(applied: list[AppliedStep], source: str) -> tuple[RecipeStep, ...]:
+    """Steps already applied to a model (a compressed checkpoint), as recipe steps for the order check."""
+    return tuple(RecipeStep(s.method, method_entry(s.method).make_config(s.config, f"{source}: earlier step {i}"))
+                 for i, s in enumerate(applied))
+
+
 def _run(model, recipe: Recipe, train_ds, val_ds, teacher, staging: Path, progress: bool, device: str,
-         log) -> CompressResult:
+         log, prior: list[AppliedStep]) -> CompressResult:
     rows = [measure(model, val_ds, "baseline")]
     log(_row_text(rows[-1]))
-    applied: list[AppliedStep] = []
+    applied: list[AppliedStep] = list(prior)
     reports: list[dict[str, Any]] = []
     for i, step in enumerate(recipe.steps):
         entry = METHODS[step.method]
@@ -398,6 +407,7 @@ def _run(model, recipe: Recipe, train_ds, val_ds, teacher, staging: Path, progre
             raise ConfigError(f"{recipe.source}: step {i} ({step.method}): its report has no 'plan', so the "
                               "result could not be reloaded; the method does not follow the contract")
         applied.append(AppliedStep(step.method, config_dict(step.config), report["plan"]))
+        model.compression_steps = [a.to_dict() for a in applied]     # fine-tune checkpoints rebuild from it
         reports.append(report)
         model.cpu().eval()
         rows.append(measure(model, val_ds, f"{i}: {step.method}"))

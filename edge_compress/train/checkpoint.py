@@ -53,6 +53,10 @@ def load_detector(path: str | Path, use_ema: bool = True):
 
         return rebuild(ckpt, str(path))
     model = build_from_config(ckpt["model_config"])
+    if ckpt.get("compression_steps"):   # a fine-tune of a compressed model: rebuild its structure first
+        from edge_compress.compress.checkpoint import restructure_steps
+
+        restructure_steps(model, ckpt["compression_steps"])
     state = ckpt.get("ema", {}).get("module") if use_ema and ckpt.get("ema") else None
     model.load_state_dict(state if state is not None else ckpt["model"])
     return model.eval()

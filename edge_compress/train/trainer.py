@@ -183,7 +183,9 @@ def train(model, train_data, cfg: TrainConfig, out_dir: str | Path, val_data=Non
 
 
 def _state(model, ema, opt, cfg, epoch, history, best_ap, train_s) -> dict[str, Any]:
-    return {"model_config": model.config(), "model": model.state_dict(),
+    # A compressed model (masks, replaced layers) records the steps that rebuild its structure.
+    steps = {"compression_steps": model.compression_steps} if getattr(model, "compression_steps", None) else {}
+    return {"model_config": model.config(), **steps, "model": model.state_dict(),
             "ema": ema.state_dict() if ema else None, "optimizer": opt.state_dict(),
             "train_config": cfg.to_dict(), "epoch": epoch, "history": history,
             "best_ap": best_ap, "train_s": train_s}

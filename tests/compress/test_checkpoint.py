@@ -111,3 +111,20 @@ def test_load_detector_and_eval_read_compressed_checkpoints(tiny_synth, tmp_path
     assert torch.equal(load_detector(path)(x()), model.eval()(x()))
     r = evaluate_checkpoint(path, tiny_synth)
     assert r.num_images == 8 and 0.0 <= r.ap <= 1.0
+
+
+def test_training_checkpoints_of_a_compressed_model_rebuild_its_structure(tiny_synth, tmp_path):
+    from edge_compress.pipeline import open_split
+    from edge_compress.train import TrainConfig, train
+
+    ds = open_split(tiny_synth, "train", (64, 64))
+    model = detector("yolo_tiny", class_names=ds.class_names)
+    lr_cfg, sp_cfg = LowRankConfig(energy=0.7, min_channels=4), SparsityConfig("magnitude", 0.5)
+    steps = [step("lowrank", lr_cfg, decompose(model, lr_cfg)), step("magnitude", sp_cfg,
+                                                                     prune_unstructured(model, sp_cfg))]
+    model = load_compressed(save_compressed(tmp_path / "m.pt", model, steps))    # records its own steps
+    assert [s["method"] for s in model.compression_steps] == ["lowrank", "magnitude"]
+    train(model, ds, TrainConfig(epochs=1, batch_size=12, warmup_iters=1, ema=False), tmp_path / "run",
+          progress=False)
+    again = load_detector(tmp_path / "run" / "last.pt")
+    assert torch.equal(again(x()), model.eval()(x())) and set(masks(again)) == set(masks(model))

@@ -163,3 +163,18 @@ def test_shipped_recipes_load():
                 pytest.skip(f"{path.name}: {e}")
             raise
         assert recipe.steps
+
+
+def test_a_compressed_checkpoint_compresses_further_with_its_history(tiny_synth, tmp_path):
+    first = R.Recipe.from_dict({"steps": [{"method": "lowrank", "config": {"energy": 0.7, "min_channels": 4}}]})
+    R.compress(tiny_model(tiny_synth), first, tiny_synth, tmp_path / "a", progress=False)
+    model = load_compressed(tmp_path / "a" / "model.pt")
+    second = R.Recipe.from_dict({"steps": [{"method": "nm_2_4"}]})
+    R.compress(model, second, tiny_synth, tmp_path / "b", progress=False)
+    final = load_compressed(tmp_path / "b" / "model.pt")
+    assert [s["method"] for s in final.compression_steps] == ["lowrank", "nm_2_4"]
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(final(x), model.eval()(x))
+    with pytest.raises(ConfigError, match=r"earlier steps \['lowrank', 'nm_2_4'\].*put structural steps before"):
+        R.compress(final, first, tiny_synth, tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
