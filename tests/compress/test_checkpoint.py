@@ -128,3 +128,16 @@ def test_training_checkpoints_of_a_compressed_model_rebuild_its_structure(tiny_s
           progress=False)
     again = load_detector(tmp_path / "run" / "last.pt")
     assert torch.equal(again(x()), model.eval()(x())) and set(masks(again)) == set(masks(model))
+
+
+def test_a_compressed_checkpoint_exports_to_onnxruntime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from edge_compress.export import export_checkpoint
+
+    model = detector()
+    lr_cfg, sp_cfg = LowRankConfig(energy=0.7, min_channels=4), SparsityConfig("magnitude", 0.5)
+    steps = [step("lowrank", lr_cfg, decompose(model, lr_cfg)), step("magnitude", sp_cfg,
+                                                                     prune_unstructured(model, sp_cfg))]
+    path = save_compressed(tmp_path / "m.pt", train_a_little(model), steps)
+    art = export_checkpoint(path, "onnxruntime", tmp_path / "art")
+    assert art.manifest["validation"]["rel_error"] <= art.manifest["validation"]["tolerance"]
