@@ -14,6 +14,10 @@ _EXPORTS = {
     "SparsityConfig": "sparsity", "SparsityReport": "sparsity", "prune_unstructured": "sparsity",
     "masks": "sparsity", "remove_masks": "sparsity",
     "LowRankConfig": "lowrank", "LowRankReport": "lowrank", "decompose": "lowrank",
+    "DistillConfig": "distill", "distillation_loss": "distill",
+    "Recipe": "recipe", "CompressResult": "recipe", "compress": "recipe", "load_recipe": "recipe",
+    "save_compressed": "checkpoint", "load_compressed": "checkpoint",
+    "SensitivityConfig": "sensitivity", "sensitivity": "sensitivity",
 }
 __all__ = sorted(_EXPORTS)
 
