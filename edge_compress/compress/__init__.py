@@ -17,7 +17,8 @@ _EXPORTS = {
     "DistillConfig": "distill", "distillation_loss": "distill",
     "Recipe": "recipe", "CompressResult": "recipe", "compress": "recipe", "load_recipe": "recipe",
     "save_compressed": "checkpoint", "load_compressed": "checkpoint",
-    "SensitivityConfig": "sensitivity", "sensitivity": "sensitivity",
+    "SensitivityConfig": "sensitivity",   # the verb: edge_compress.compress.sensitivity.sensitivity (a name
+    # exported here would be shadowed by the submodule of the same name once it is imported)
 }
 __all__ = sorted(_EXPORTS)
 
