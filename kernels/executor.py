@@ -88,6 +88,9 @@ class Executor:
 
     def __init__(self, graph: LoweredGraph):
         self.graph = graph
+        if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+            raise ConfigError(f"the executor runs graphs with one input and one output, this one has inputs "
+                              f"{list(graph.inputs)} and outputs {list(graph.outputs)}")
         (self.input_name, self.input_shape), = graph.inputs.items()
         self._steps = [(op, _prepare(op, graph.weights)) for op in graph.ops]
         last_use: dict[str, int] = {}
