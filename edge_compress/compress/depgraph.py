@@ -408,7 +408,8 @@ def _example(model: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
     spec = getattr(model, "input_spec", None)
     if spec is None:
         raise ConfigError(f"{type(model).__name__} has no input_spec: pass example=<an (1, C, H, W) input>")
-    return torch.zeros(1, spec.channels, spec.height, spec.width)
+    p = next(model.parameters(), None)
+    return torch.zeros(1, spec.channels, spec.height, spec.width, dtype=p.dtype if p is not None else None)
 
 
 def analyze(model: nn.Module, example: torch.Tensor | None = None) -> DependencyGraph:
