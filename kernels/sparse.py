@@ -1,0 +1,405 @@
+"""Sparse fp32 conv2d: unstructured CSR weights and the N:M (2:4) compressed format.
+
+A conv is a GEMM ``out (O, P) = W (O, K) @ cols (K, P)`` with ``K = C * KH * KW`` (C outermost,
+i.e. ``w.reshape(O, -1)``) and ``P = OH * OW``. With sparse W and dense activations each output
+channel is ``sum_j value_j * cols[k_j, :]`` over that row's nonzeros: a sequence of contiguous
+AXPYs along P that LLVM vectorises (the sparse-weight x dense-activation product of
+"Fast Sparse ConvNets", Elsen et al., CVPR 2020, arXiv:1911.09723, which XNNPACK ships for 1x1
+convs). A 1x1 stride-1 conv reads the NCHW activation directly (it *is* ``cols``); a KxK or
+strided conv im2col's the input first and runs the same product.
+
+The product walks P in tiles of ``tile`` pixels so that the output tile stays in L1 while the
+nonzeros of a row stream past it, and the activation tile (K x tile) stays in L1/L2 across all
+output channels. Four nonzeros are applied per pass over the tile (one load/store of the
+accumulator per four FMAs instead of per one).
+
+N:M sparsity (Mishra et al., "Accelerating Sparse Deep Neural Networks", arXiv:2104.08378,
+NVIDIA's 2:4) keeps at most N nonzeros in every group of M consecutive K entries; the
+compressed format stores the N kept values per group plus their positions inside the group
+(uint8 here, 2 bits in hardware). The fixed count per row balances the threads and needs no
+indptr; the product is the same AXPY sequence with ``k = group * M + position``.
+
+Only ``groups == 1``: depthwise and grouped convs have K = KH * KW (* C/groups) per output
+channel, too short to profit from skipping zeros, so they are rejected with a clear error.
+
+A leaf module: NumPy and numba only. Compiled kernels are cached on disk (``cache=True``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from edge_compress.errors import ConfigError
+from edge_compress.kernels.int8 import conv_geometry
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def _as_weight_2d(w2d, what: str) -> np.ndarray:
+    w = np.asarray(w2d)
+    if w.ndim != 2 or min(w.shape) < 1:
+        raise ConfigError(f"{what} needs a 2-D weight (O, K) = w.reshape(O, -1), got shape {w.shape}")
+    if not np.issubdtype(w.dtype, np.floating):
+        raise ConfigError(f"{what} needs floating-point weights, got {w.dtype}")
+    if not np.all(np.isfinite(w)):
+        raise ConfigError(f"{what}: the weight holds NaN or inf; fix the layer's weights before packing")
+    return w.astype(np.float32)
+
+
+def _conv_weight_2d(w, what: str) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 4:
+        raise ConfigError(f"{what} needs a conv weight (O, C, KH, KW), got shape {w.shape}")
+    return w.reshape(w.shape[0], -1)
+
+
+@dataclass(frozen=True, eq=False)
+class CSRWeights:
+    """Compressed sparse rows of a (O, K) weight: row ``o``'s nonzeros are
+    ``values[indptr[o]:indptr[o+1]]`` at columns ``indices[...]`` (ascending)."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        o, k = self.shape
+        if self.indptr.dtype != np.int32 or self.indices.dtype != np.int32 or self.values.dtype != np.float32:
+            raise ConfigError(f"CSRWeights needs int32 indptr/indices and float32 values, got "
+                              f"{self.indptr.dtype}, {self.indices.dtype}, {self.values.dtype}; build it with csr_pack")
+        if self.indptr.shape != (o + 1,) or self.indptr[0] != 0 or np.any(np.diff(self.indptr) < 0):
+            raise ConfigError(f"CSRWeights.indptr must be {o + 1} non-decreasing offsets from 0, "
+                              f"got shape {self.indptr.shape}")
+        nnz = int(self.indptr[-1])
+        if self.indices.shape != (nnz,) or self.values.shape != (nnz,):
+            raise ConfigError(f"CSRWeights: indptr says {nnz} nonzeros but indices/values have "
+                              f"{self.indices.shape}/{self.values.shape}")
+        if nnz and (self.indices.min() < 0 or self.indices.max() >= k):
+            raise ConfigError(f"CSRWeights.indices must lie in [0, {k}), got [{self.indices.min()}, {self.indices.max()}]")
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    @property
+    def density(self) -> float:
+        """Fraction of stored entries (1 - sparsity)."""
+        return self.nnz / (self.shape[0] * self.shape[1])
+
+    @classmethod
+    def from_conv_weight(cls, w) -> "CSRWeights":
+        """Pack a conv weight (O, C, KH, KW); K is the flattened (C, KH, KW), C outermost."""
+        return csr_pack(_conv_weight_2d(w, "CSRWeights.from_conv_weight"))
+
+    def to_dense(self) -> np.ndarray:
+        out = np.zeros(self.shape, np.float32)
+        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
+        out[rows, self.indices] = self.values
+        return out
+
+
+def csr_pack(w2d) -> CSRWeights:
+    """CSR of the nonzeros of a (O, K) weight (exact zeros are dropped, values kept bit for bit)."""
+    w = _as_weight_2d(w2d, "csr_pack")
+    rows, cols = np.nonzero(w)  # row-major order: rows ascending, columns ascending inside a row
+    indptr = np.zeros(w.shape[0] + 1, np.int32)
+    np.cumsum(np.bincount(rows, minlength=w.shape[0]), out=indptr[1:])
+    return CSRWeights(indptr, cols.astype(np.int32), w[rows, cols], (int(w.shape[0]), int(w.shape[1])))
+
+
+@dataclass(frozen=True, eq=False)
+class NMWeights:
+    """N:M compressed (O, K) weight: ``values`` (O, K*n/m) are the n kept entries of each group of
+    m consecutive K entries, ``indices`` (O, K*n/m, uint8) their ascending positions in the group."""
+
+    values: np.ndarray
+    indices: np.ndarray
+    n: int
+    m: int
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        o, k = self.shape
+        if not 1 <= self.n <= self.m <= 255 or k % self.m:
+            raise ConfigError(f"NMWeights needs 1 <= n <= m <= 255 and K={k} a multiple of m={self.m}, got n={self.n}")
+        kept = (o, k // self.m * self.n)
+        if self.values.dtype != np.float32 or self.indices.dtype != np.uint8:
+            raise ConfigError(f"NMWeights needs float32 values and uint8 indices, got {self.values.dtype}, "
+                              f"{self.indices.dtype}; build it with nm_pack")
+        if self.values.shape != kept or self.indices.shape != kept:
+            raise ConfigError(f"NMWeights for shape {self.shape} at {self.n}:{self.m} needs values and indices of "
+                              f"shape {kept}, got {self.values.shape}, {self.indices.shape}")
+        pos = self.indices.reshape(o, -1, self.n)
+        if pos.size and (pos.max() >= self.m or np.any(np.diff(pos.astype(np.int16), axis=-1) <= 0)):
+            raise ConfigError(f"NMWeights.indices must be strictly ascending positions in [0, {self.m}) per group")
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m
+
+    @classmethod
+    def from_conv_weight(cls, w, n: int = 2, m: int = 4) -> "NMWeights":
+        """Pack a conv weight (O, C, KH, KW); K is the flattened (C, KH, KW), C outermost."""
+        return nm_pack(_conv_weight_2d(w, "NMWeights.from_conv_weight"), n, m)
+
+    def to_dense(self) -> np.ndarray:
+        o, k = self.shape
+        groups = k // self.m
+        out = np.zeros((o, groups, self.m), np.float32)
+        pos = self.indices.reshape(o, groups, self.n).astype(np.intp)
+        np.put_along_axis(out, pos, self.values.reshape(o, groups, self.n), axis=-1)
+        return out.reshape(o, k)
+
+
+def nm_pack(w2d, n: int = 2, m: int = 4) -> NMWeights:
+    """Compress a (O, K) weight that has at most ``n`` nonzeros in each group of ``m`` consecutive
+    K entries. Groups with fewer nonzeros keep zeros at their first free positions."""
+    if not (isinstance(n, (int, np.integer)) and isinstance(m, (int, np.integer)) and 1 <= n <= m <= 255):
+        raise ConfigError(f"nm_pack needs integers 1 <= n <= m <= 255, got n={n!r}, m={m!r}")
+    w = _as_weight_2d(w2d, "nm_pack")
+    o, k = w.shape
+    if k % m:
+        raise ConfigError(f"nm_pack: K={k} is not a multiple of m={m}; an {n}:{m} layer needs C*KH*KW divisible by {m}")
+    groups = w.reshape(o, k // m, m)
+    nz = groups != 0
+    counts = nz.sum(axis=-1)
+    if np.any(counts > n):
+        bad_o, bad_g = np.argwhere(counts > n)[0]
+        raise ConfigError(f"nm_pack: row {bad_o}, group {bad_g} (K entries {bad_g * m}..{bad_g * m + m - 1}) has "
+                          f"{counts[bad_o, bad_g]} nonzeros, more than n={n} of m={m}; prune the layer to {n}:{m} "
+                          f"first ({int((counts > n).sum())} groups violate it)")
+    # Stable sort puts the nonzeros first (in position order), then the zeros; keep n, re-sort.
+    order = np.argsort(~nz, axis=-1, kind="stable")[..., :n]
+    pos = np.sort(order, axis=-1)
+    values = np.take_along_axis(groups, pos, axis=-1)
+    return NMWeights(values.reshape(o, -1), pos.astype(np.uint8).reshape(o, -1), int(n), int(m), (o, k))
+
+
+# --------------------------------------------------------------------------- kernels
+
+# Output pixels per register tile: 8 AVX2 registers of accumulators (LLVM targets 256-bit
+# vectors on this CPU family), leaving registers for the broadcast weight and addresses.
+TILE = 64
+
+
+@intrinsic
+def _stack_f32(typingctx, size):
+    """A float32 buffer of ``size`` (a literal) on the stack. Unlike a heap array, LLVM knows it
+    aliases nothing, so with constant-trip loops over it (``TILE``) SROA keeps it in registers:
+    the accumulator tile never touches memory inside the nonzero loop."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return cgutils.alloca_once(builder, context.get_value_type(types.float32), size=size.literal_value)
+
+    return types.CPointer(types.float32)(size), codegen
+
+
+# Output channels per parallel task: enough to amortise the task's index arithmetic (64-bit
+# divisions cost more than a tile of FMAs), few enough to balance threads on 20x20 maps.
+O_BLOCK = 16
+
+
+@numba.njit(cache=True, inline="always")
+def _task_range(task, n_tiles, o_blocks, p_n, o_n):
+    """(n, p0, keep, o0, o1) of a parallel task, tasks ordered (n, tile, output block).
+
+    The task computes pixels [p0, p0 + TILE) and stores those from p0 + keep on. When P is not
+    a multiple of TILE the last tile is shifted back to end at P (keep > 0 skips the pixels the
+    previous tile owns), so every tile runs the register path; the caller ensures P >= TILE.
+    """
+    n = task // (n_tiles * o_blocks)
+    rest = task - n * n_tiles * o_blocks
+    t = rest // o_blocks
+    ob = rest - t * o_blocks
+    p0 = t * TILE
+    keep = 0
+    if p0 + TILE > p_n:
+        keep = p0 + TILE - p_n
+        p0 = p_n - TILE
+    return n, p0, keep, ob * O_BLOCK, min((ob + 1) * O_BLOCK, o_n)
+
+
+@numba.njit(cache=True, inline="always")
+def _store_tile(acc, dst, keep, spill):
+    """dst[keep:] = acc[keep:] with constant indices into acc only (a variable index would make
+    LLVM keep acc in memory for the whole kernel), through the stack buffer ``spill``."""
+    if keep == 0:
+        for p in range(TILE):
+            dst[p] = acc[p]
+    else:
+        for p in range(TILE):
+            spill[p] = acc[p]
+        for p in range(keep, TILE):
+            dst[p] = spill[p]
+
+
+@numba.njit(cache=True, parallel=True, fastmath={"contract"})
+def _csr_matmul(indptr, indices, values, cols, bias, p_n, out):
+    """out[n, o, :P] = bias[o] + sum_j values[j] * cols[n, indices[j], :P] over row o's nonzeros.
+
+    cols (N, K, >= P), out (N, O, P), P >= TILE. One parallel task per (n, pixel tile, block of
+    output channels), tiles outermost so a thread's consecutive tasks reuse the same column tile
+    from L1/L2. The tile's accumulators live in registers (``_stack_f32``) across the nonzeros.
+    """
+    batch, o_n = out.shape[0], out.shape[1]
+    n_tiles = (p_n + TILE - 1) // TILE
+    o_blocks = (o_n + O_BLOCK - 1) // O_BLOCK
+    for task in numba.prange(batch * n_tiles * o_blocks):
+        n, p0, keep, o0, o1 = _task_range(task, n_tiles, o_blocks, p_n, o_n)
+        b = cols[n]
+        acc = numba.carray(_stack_f32(TILE), TILE)
+        spill = numba.carray(_stack_f32(TILE), TILE)
+        for o in range(o0, o1):
+            for p in range(TILE):
+                acc[p] = bias[o]
+            for j in range(indptr[o], indptr[o + 1]):
+                src = b[indices[j], p0:p0 + TILE]
+                v = values[j]
+                for p in range(TILE):
+                    acc[p] += v * src[p]
+            _store_tile(acc, out[n, o, p0:p0 + TILE], keep, spill)
+
+
+@numba.njit(cache=True, parallel=True, fastmath={"contract"})
+def _nm_matmul(values, positions, n_keep, m_group, cols, bias, p_n, out):
+    """The N:M product, as ``_csr_matmul``: kept entry i of row o sits at K index
+    (i // n) * m + positions[o, i], decoded on the fly from the uint8 positions."""
+    batch, o_n = out.shape[0], out.shape[1]
+    n_groups = values.shape[1] // n_keep
+    n_tiles = (p_n + TILE - 1) // TILE
+    o_blocks = (o_n + O_BLOCK - 1) // O_BLOCK
+    for task in numba.prange(batch * n_tiles * o_blocks):
+        n, p0, keep, o0, o1 = _task_range(task, n_tiles, o_blocks, p_n, o_n)
+        b = cols[n]
+        acc = numba.carray(_stack_f32(TILE), TILE)
+        spill = numba.carray(_stack_f32(TILE), TILE)
+        for o in range(o0, o1):
+            for p in range(TILE):
+                acc[p] = bias[o]
+            for g in range(n_groups):
+                for i in range(g * n_keep, (g + 1) * n_keep):
+                    src = b[g * m_group + positions[o, i], p0:p0 + TILE]
+                    v = values[o, i]
+                    for p in range(TILE):
+                        acc[p] += v * src[p]
+            _store_tile(acc, out[n, o, p0:p0 + TILE], keep, spill)
+
+
+@numba.njit(cache=True, parallel=True)
+def _im2col(xp, kh_n, kw_n, sh, sw, dh, dw, oh_n, ow_n, cols):
+    """cols[n, (c, i, j), oh * OW + ow] = xp[n, c, oh*sh + i*dh, ow*sw + j*dw] (xp already padded)."""
+    batch, c_n = xp.shape[0], xp.shape[1]
+    for task in numba.prange(batch * c_n):
+        n = task // c_n
+        c = task % c_n
+        for i in range(kh_n):
+            for j in range(kw_n):
+                row = cols[n, (c * kh_n + i) * kw_n + j]
+                for oh in range(oh_n):
+                    src = xp[n, c, oh * sh + i * dh]
+                    dst = row[oh * ow_n:(oh + 1) * ow_n]
+                    if sw == 1:  # a contiguous copy LLVM vectorises
+                        dst[:] = src[j * dw:j * dw + ow_n]
+                    else:
+                        for ow in range(ow_n):
+                            dst[ow] = src[ow * sw + j * dw]
+
+
+# --------------------------------------------------------------------------- conv2d
+
+
+def _check_conv_args(x, k_weight: int, o: int, kh: int, kw: int, in_channels: int, bias, what: str):
+    x = np.asarray(x)
+    if x.dtype != np.float32 or x.ndim != 4:
+        raise ConfigError(f"{what} needs a float32 activation (N, C, H, W), got {x.dtype} {x.shape}")
+    if min(kh, kw) < 1 or in_channels < 1:
+        raise ConfigError(f"{what} needs kh, kw, in_channels >= 1, got {kh}, {kw}, {in_channels}")
+    if x.shape[1] != in_channels:
+        raise ConfigError(f"{what}: x has {x.shape[1]} channels but in_channels={in_channels}")
+    if k_weight != in_channels * kh * kw:
+        per_tap = k_weight / (kh * kw)
+        hint = ""
+        if per_tap.is_integer() and per_tap >= 1 and in_channels % per_tap == 0:
+            hint = (f" (the weight holds {int(per_tap)} input channels per output channel: a grouped/depthwise conv "
+                    f"with groups={in_channels // int(per_tap)}; sparse kernels support groups=1 only, run that "
+                    f"layer with the fp32 or int8 kernels)")
+        raise ConfigError(f"{what}: the weight has K={k_weight} columns but in_channels * kh * kw = "
+                          f"{in_channels} * {kh} * {kw} = {in_channels * kh * kw}{hint}")
+    b = np.zeros(o, np.float32) if bias is None else np.asarray(bias, np.float32).reshape(-1)
+    if b.shape != (o,):
+        raise ConfigError(f"{what}: bias must have {o} values (one per output channel), got {np.shape(bias)}")
+    return np.ascontiguousarray(x), b
+
+
+def _column_stride(p: int) -> int:
+    """Row length of the im2col buffer: P rounded up to whole 64-byte lines, an odd number of them,
+    so the K rows of a pixel tile fall in distinct L1 sets (a stride of a multiple of 4 KiB, e.g.
+    80x80 pixels, maps them onto a few sets and the tile thrashes)."""
+    lines = -(-p // 16)
+    return 16 * (lines + 1 - lines % 2)
+
+
+def _columns(x, kh, kw, stride, padding, dilation):
+    """The (N, K, >= max(P, TILE)) GEMM operand of a conv and its output size (OH, OW).
+
+    A 1x1 stride-1 conv uses x itself. Otherwise (or when P < TILE) the columns are built here,
+    zero-filled past P so the product always runs whole register tiles.
+    """
+    n, c, h, wd = x.shape
+    (sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow) = conv_geometry(h, wd, kh, kw, stride, padding, dilation)
+    p = oh * ow
+    if kh == kw == sh == sw == 1 and pt == pl == pb == pr == 0 and p >= TILE:
+        return x.reshape(n, c, p), (oh, ow)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if pt or pl or pb or pr else x
+    cols = np.empty((n, c * kh * kw, _column_stride(max(p, TILE))), np.float32)
+    if p < TILE:
+        cols[:, :, p:] = 0
+    _im2col(xp, kh, kw, sh, sw, dh, dw, oh, ow, cols)
+    return cols, (oh, ow)
+
+
+def _run(kernel, args, cols, o: int, oh: int, ow: int, bias) -> np.ndarray:
+    """Run a product kernel into a fresh (N, O, OH, OW) output (padded to TILE pixels if smaller)."""
+    p = oh * ow
+    out = np.empty((cols.shape[0], o, max(p, TILE)), np.float32)
+    kernel(*args, cols, bias, max(p, TILE), out)
+    if p < TILE:
+        out = np.ascontiguousarray(out[:, :, :p])
+    return out.reshape(cols.shape[0], o, oh, ow)
+
+
+def sparse_conv2d_csr(x, csr: CSRWeights, kh: int, kw: int, in_channels: int, stride=1, padding=0, dilation=1,
+                      bias=None) -> np.ndarray:
+    """fp32 conv2d (NCHW, groups=1) with CSR weights from ``csr_pack(w.reshape(O, -1))``.
+
+    ``padding`` is an int, (ph, pw) or ONNX (top, left, bottom, right) and pads with zeros.
+    Returns float32 (N, O, OH, OW).
+    """
+    if not isinstance(csr, CSRWeights):
+        raise ConfigError(f"sparse_conv2d_csr needs CSRWeights from csr_pack, got {type(csr).__name__}")
+    o, k = csr.shape
+    x, b = _check_conv_args(x, k, o, kh, kw, in_channels, bias, "sparse_conv2d_csr")
+    cols, (oh, ow) = _columns(x, kh, kw, stride, padding, dilation)
+    return _run(_csr_matmul, (csr.indptr, csr.indices, csr.values), cols, o, oh, ow, b)
+
+
+def sparse_conv2d_nm(x, nmw: NMWeights, kh: int, kw: int, in_channels: int, stride=1, padding=0, dilation=1,
+                     bias=None) -> np.ndarray:
+    """fp32 conv2d (NCHW, groups=1) with N:M weights from ``nm_pack(w.reshape(O, -1), n, m)``."""
+    if not isinstance(nmw, NMWeights):
+        raise ConfigError(f"sparse_conv2d_nm needs NMWeights from nm_pack, got {type(nmw).__name__}")
+    o, k = nmw.shape
+    x, b = _check_conv_args(x, k, o, kh, kw, in_channels, bias, "sparse_conv2d_nm")
+    cols, (oh, ow) = _columns(x, kh, kw, stride, padding, dilation)
+    return _run(_nm_matmul, (nmw.values, nmw.indices, nmw.n, nmw.m), cols, o, oh, ow, b)

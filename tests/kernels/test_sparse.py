@@ -1,0 +1,256 @@
+"""Sparse fp32 conv (CSR and N:M) against a plain NumPy float64 convolution.
+
+Formats: pack/unpack round trips give back the dense matrix bit for bit. Numerics: the
+kernels' float32 output against an fp64 reference conv of the same (sparse) weight that
+shares no code with the kernels, within 1e-5 of the output's largest magnitude (float32
+sums of up to a few hundred terms). Property tests cover shapes, strides, padding, dilation,
+sparsity levels (incl. all-zero rows) and random 2:4 patterns.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("numba")
+
+from edge_compress.errors import ConfigError  # noqa: E402
+from edge_compress.kernels.sparse import (  # noqa: E402
+    CSRWeights,
+    NMWeights,
+    csr_pack,
+    nm_pack,
+    sparse_conv2d_csr,
+    sparse_conv2d_nm,
+)
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+RTOL = 1e-5  # relative to max |reference|
+
+
+def ref_conv(x, w, bias, stride, pads, dilation):
+    """float64 conv: zero padding, sum tap by tap (einsum), plus bias."""
+    (sh, sw), (pt, pl, pb, pr), (dh, dw) = stride, pads, dilation
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    w = w.astype(np.float64)
+    n, c, hp, wp = xp.shape
+    oc, _, kh, kw = w.shape
+    oh = (hp - dh * (kh - 1) - 1) // sh + 1
+    ow = (wp - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((n, oc, oh, ow))
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, :, i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
+            out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
+    return out + (0 if bias is None else np.asarray(bias, np.float64).reshape(1, -1, 1, 1))
+
+
+def assert_close(got, ref):
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    scale = max(float(np.abs(ref).max()), 1e-6)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=RTOL * scale)
+
+
+def sparse_weight(rng, shape, sparsity, zero_rows=0):
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[rng.random(shape) < sparsity] = 0
+    w[:zero_rows] = 0
+    return w
+
+
+def two_four_weight(rng, shape, n=2, m=4):
+    """A weight with exactly n nonzeros in each group of m along the flattened (C, KH, KW)."""
+    o = shape[0]
+    w = rng.standard_normal(shape).astype(np.float32).reshape(o, -1, m)
+    w[w == 0] = 1.0
+    keep = np.argsort(rng.random(w.shape), axis=-1)[..., :n]
+    mask = np.zeros(w.shape, bool)
+    np.put_along_axis(mask, keep, True, axis=-1)
+    return (w * mask).reshape(shape)
+
+
+# --------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_csr_round_trip_is_exact(sparsity):
+    rng = np.random.default_rng(0)
+    w = sparse_weight(rng, (37, 53), sparsity, zero_rows=3)
+    csr = csr_pack(w)
+    assert csr.indptr.dtype == np.int32 and csr.indices.dtype == np.int32 and csr.values.dtype == np.float32
+    np.testing.assert_array_equal(csr.to_dense(), w)
+    assert csr.nnz == int((w != 0).sum())
+    assert csr.density == pytest.approx((w != 0).mean())
+    assert np.all(np.diff(csr.indptr)[:3] == 0)  # the all-zero rows hold nothing
+
+
+def test_csr_from_conv_weight_flattens_c_outermost():
+    rng = np.random.default_rng(1)
+    w = sparse_weight(rng, (4, 3, 2, 5), 0.5)
+    csr = CSRWeights.from_conv_weight(w)
+    assert csr.shape == (4, 30)
+    np.testing.assert_array_equal(csr.to_dense(), w.reshape(4, -1))
+    o, k = np.argwhere(w.reshape(4, -1) != 0)[0]
+    c, i, j = np.unravel_index(k, (3, 2, 5))
+    assert csr.values[csr.indptr[o]] == w[o, c, i, j]
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (1, 2)])
+def test_nm_round_trip_is_exact(n, m):
+    rng = np.random.default_rng(2)
+    w = two_four_weight(rng, (9, 4 * m), n, m)
+    w[0, :m] = 0  # a group with fewer than n nonzeros keeps zeros
+    w[1, m:m + 1] = 0
+    nmw = nm_pack(w, n, m)
+    assert nmw.values.shape == (9, 4 * n) and nmw.indices.dtype == np.uint8
+    np.testing.assert_array_equal(nmw.to_dense(), w)
+    assert np.all(nmw.indices.reshape(9, 4, n) < m)
+    assert np.all(np.diff(nmw.indices.reshape(9, 4, n).astype(int), axis=-1) > 0)
+
+
+def test_nm_positions_are_the_kept_entries():
+    w = np.array([[0, 3, 0, -2, 5, 0, 0, 0]], np.float32)
+    nmw = nm_pack(w)
+    np.testing.assert_array_equal(nmw.values, [[3, -2, 5, 0]])
+    np.testing.assert_array_equal(nmw.indices, [[1, 3, 0, 1]])
+
+
+def test_nm_pack_names_the_offending_group():
+    w = np.zeros((3, 8), np.float32)
+    w[2, 4:7] = 1.0  # row 2, group 1: three nonzeros
+    with pytest.raises(ConfigError, match=r"row 2, group 1 .* 3 nonzeros, more than n=2 of m=4"):
+        nm_pack(w)
+    with pytest.raises(ConfigError, match="K=6 is not a multiple of m=4"):
+        nm_pack(np.zeros((2, 6), np.float32))
+    with pytest.raises(ConfigError, match="1 <= n <= m"):
+        nm_pack(np.zeros((2, 8), np.float32), n=5, m=4)
+    with pytest.raises(ConfigError, match="2-D weight"):
+        nm_pack(np.zeros((2, 2, 2, 2), np.float32))
+
+
+def test_pack_rejects_bad_weights():
+    with pytest.raises(ConfigError, match="NaN or inf"):
+        csr_pack(np.array([[1.0, np.nan]], np.float32))
+    with pytest.raises(ConfigError, match="floating-point"):
+        csr_pack(np.ones((2, 2), np.int8))
+    with pytest.raises(ConfigError, match=r"conv weight \(O, C, KH, KW\)"):
+        CSRWeights.from_conv_weight(np.ones((2, 3)))
+    csr = csr_pack(np.eye(3, dtype=np.float32))
+    with pytest.raises(ConfigError, match="indices must lie in"):
+        CSRWeights(csr.indptr, csr.indices + 1, csr.values, (3, 3))
+    with pytest.raises(ConfigError, match="strictly ascending"):
+        NMWeights(np.ones((1, 2), np.float32), np.array([[1, 1]], np.uint8), 2, 4, (1, 4))
+
+
+# --------------------------------------------------------------------------- conv numerics
+
+
+@st.composite
+def conv_cases(draw):
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h, w = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    assume(h + pads[0] + pads[2] >= dilation[0] * (kh - 1) + 1)
+    assume(w + pads[1] + pads[3] >= dilation[1] * (kw - 1) + 1)
+    return dict(n=draw(st.integers(1, 2)), c=draw(st.integers(1, 9)), oc=draw(st.integers(1, 20)), kh=kh, kw=kw,
+                stride=stride, dilation=dilation, pads=pads, h=h, w=w, sparsity=draw(st.sampled_from([0.0, 0.5, 0.9, 1.0])),
+                zero_rows=draw(st.integers(0, 3)), bias=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def _run_case(case, weight_fn, pack, conv):
+    rng = np.random.default_rng(case["seed"])
+    x = rng.standard_normal((case["n"], case["c"], case["h"], case["w"])).astype(np.float32)
+    w = weight_fn(rng, (case["oc"], case["c"], case["kh"], case["kw"]))
+    bias = rng.standard_normal(case["oc"]).astype(np.float32) if case["bias"] else None
+    got = conv(x, pack(w), case["kh"], case["kw"], case["c"], stride=case["stride"], padding=case["pads"],
+               dilation=case["dilation"], bias=bias)
+    assert_close(got, ref_conv(x, w, bias, case["stride"], case["pads"], case["dilation"]))
+
+
+@SETTINGS
+@given(case=conv_cases())
+def test_csr_conv_matches_fp64(case):
+    def weight(rng, shape):
+        return sparse_weight(rng, shape, case["sparsity"], case["zero_rows"])
+
+    _run_case(case, weight, CSRWeights.from_conv_weight, sparse_conv2d_csr)
+
+
+@SETTINGS
+@given(case=conv_cases(), nm=st.sampled_from([(2, 4), (1, 4), (2, 8)]))
+def test_nm_conv_matches_fp64(case, nm):
+    n, m = nm
+    assume(case["c"] * case["kh"] * case["kw"] % m == 0)
+    _run_case(case, lambda rng, shape: two_four_weight(rng, shape, n, m),
+              lambda w: NMWeights.from_conv_weight(w, n, m), sparse_conv2d_nm)
+
+
+# P = 35 (< TILE: padded), 64 (one tile), 130 and 135 (last tile shifted back), 256, 400.
+@pytest.mark.parametrize("hw", [(5, 7), (8, 8), (10, 13), (9, 15), (16, 16), (20, 20)])
+@pytest.mark.parametrize("ksize", [1, 3])
+def test_tiles_and_shifted_last_tile(hw, ksize):
+    """Maps around and above one register tile (P < TILE padded, P % TILE != 0 shifted back),
+    with more output channels than one task block: every pixel of every channel is right."""
+    rng = np.random.default_rng(hw[0] * 100 + hw[1] + ksize)
+    x = rng.standard_normal((2, 12, *hw)).astype(np.float32)
+    w = sparse_weight(rng, (40, 12, ksize, ksize), 0.8, zero_rows=2)
+    bias = rng.standard_normal(40).astype(np.float32)
+    ref = ref_conv(x, w, bias, (1, 1), (ksize // 2,) * 4, (1, 1))
+    assert_close(sparse_conv2d_csr(x, csr_pack(w.reshape(40, -1)), ksize, ksize, 12, padding=ksize // 2, bias=bias),
+                 ref)
+    w24 = two_four_weight(rng, (40, 12, ksize, ksize))
+    ref24 = ref_conv(x, w24, bias, (1, 1), (ksize // 2,) * 4, (1, 1))
+    assert_close(sparse_conv2d_nm(x, nm_pack(w24.reshape(40, -1)), ksize, ksize, 12, padding=ksize // 2, bias=bias),
+                 ref24)
+
+
+def test_detector_sized_1x1_matches_fp64():
+    """A 1x1 layer of the benchmark's size runs on the NCHW input directly (80x80 = 100 tiles)."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 64, 80, 80)).astype(np.float32)
+    w = sparse_weight(rng, (128, 64, 1, 1), 0.9)
+    bias = rng.standard_normal(128).astype(np.float32)
+    assert_close(sparse_conv2d_csr(x, CSRWeights.from_conv_weight(w), 1, 1, 64, bias=bias),
+                 ref_conv(x, w, bias, (1, 1), (0, 0, 0, 0), (1, 1)))
+
+
+def test_all_zero_weight_gives_the_bias():
+    x = np.random.default_rng(6).standard_normal((1, 5, 9, 9)).astype(np.float32)
+    bias = np.arange(7, dtype=np.float32)
+    got = sparse_conv2d_csr(x, csr_pack(np.zeros((7, 45), np.float32)), 3, 3, 5, padding=1, bias=bias)
+    np.testing.assert_array_equal(got, np.broadcast_to(bias[None, :, None, None], (1, 7, 9, 9)))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_conv_rejects_bad_input():
+    x = np.zeros((1, 8, 6, 6), np.float32)
+    csr = csr_pack(np.ones((4, 72), np.float32))
+    with pytest.raises(ConfigError, match="float32 activation"):
+        sparse_conv2d_csr(x.astype(np.float64), csr, 3, 3, 8)
+    with pytest.raises(ConfigError, match="x has 8 channels but in_channels=4"):
+        sparse_conv2d_csr(x, csr, 3, 3, 4)
+    with pytest.raises(ConfigError, match="one per output channel"):
+        sparse_conv2d_csr(x, csr, 3, 3, 8, bias=np.ones(3))
+    with pytest.raises(ConfigError, match="larger than the padded input"):
+        sparse_conv2d_csr(np.zeros((1, 8, 2, 2), np.float32), csr, 3, 3, 8)
+    with pytest.raises(ConfigError, match="needs CSRWeights"):
+        sparse_conv2d_csr(x, nm_pack(np.zeros((4, 72), np.float32)), 3, 3, 8)
+    with pytest.raises(ConfigError, match="needs NMWeights"):
+        sparse_conv2d_nm(x, csr, 3, 3, 8)
+
+
+def test_grouped_or_depthwise_weights_are_rejected():
+    """A depthwise 3x3 weight (O, 1, 3, 3) has K = 9, not C * 9: say it is grouped, groups=1 only."""
+    x = np.zeros((1, 8, 6, 6), np.float32)
+    depthwise = csr_pack(np.ones((8, 9), np.float32))
+    with pytest.raises(ConfigError, match=r"groups=8; sparse kernels support groups=1 only"):
+        sparse_conv2d_csr(x, depthwise, 3, 3, 8)
+    grouped = nm_pack(np.zeros((8, 36), np.float32))
+    with pytest.raises(ConfigError, match=r"groups=2"):
+        sparse_conv2d_nm(x, grouped, 3, 3, 8)
