@@ -109,7 +109,10 @@ class KernelsRunner:
 
         if threads < 1:
             raise ConfigError(f"threads={threads} must be >= 1")
+        from edge_compress.kernels.ops import set_blas_threads
+
         numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
+        set_blas_threads(threads)
         self.executor = Executor(load_graph(artifact_dir))
         self.batch = self.executor.input_shape[0]
 

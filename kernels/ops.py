@@ -12,6 +12,10 @@ A leaf module: NumPy and numba only. Tests compare every op with
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import os
+
 import numba
 import numpy as np
 
@@ -90,6 +94,20 @@ def conv2d_fp32(x, w, bias=None, stride=1, padding=0, dilation=1, groups: int = 
             out[i, g * ocg:(g + 1) * ocg] = np.dot(wg, cg)
     out += b[None, :, None]
     return out.reshape(n, oc, oh, ow)
+
+
+def set_blas_threads(threads: int) -> bool:
+    """Limit the BLAS behind ``np.dot`` (the fp32 convs) to ``threads``, so a runner's thread count
+    covers them as it covers the numba kernels. Works with the OpenBLAS that NumPy wheels bundle
+    (``numpy.libs/libscipy_openblas*``); returns False, changing nothing, for any other BLAS."""
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "libscipy_openblas*.so"))
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for fn in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads"):
+            if hasattr(lib, fn):
+                getattr(lib, fn)(ctypes.c_int(int(threads)))
+                return True
+    return False
 
 
 # --------------------------------------------------------------------------- elementwise
@@ -209,8 +227,12 @@ def maxpool(x: np.ndarray, kernel, stride, pads=(0, 0, 0, 0), ceil_mode: bool = 
     need_w = (ow - 1) * sw + kw
     xp = np.full((n, c, max(need_h, h + pt), max(need_w, w + pl)), -np.inf, np.float32)
     xp[:, :, pt:pt + h, pl:pl + w] = x
-    win = _windows(xp, kh, kw, (sh, sw), (1, 1), (oh, ow))
-    return win.max(axis=(2, 3))
+    out = None
+    for i in range(kh):   # KH*KW elementwise maxima of strided planes: far faster than a 6-D reduction
+        for j in range(kw):
+            tap = xp[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
+            out = tap.copy() if out is None else np.maximum(out, tap, out=out)
+    return out
 
 
 def global_avgpool(x: np.ndarray) -> np.ndarray:
