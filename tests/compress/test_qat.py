@@ -163,10 +163,13 @@ def test_qat_ranges_and_weights_reach_the_int8_ort_artifact(data, tmp_path, per_
         hi = max(learned[n][1] for n in quantizers)
         assert saved["ranges"][tensor] == pytest.approx([lo, hi], rel=1e-6, abs=1e-12), tensor
     int8_out = open_runner(art)(xv)
-    agree = sqnr_db(qat_out, int8_out)
-    assert agree >= 25
+    # SQNR on outputs centred per head channel: the raw outputs' large constant part (prior biases)
+    # would inflate it (~72 dB raw vs ~48 dB centred here)
+    c = qat_out.mean(axis=(0, 1), keepdims=True)
+    agree = sqnr_db(qat_out - c, int8_out - c)
+    assert agree >= 25 and sqnr_db(qat_out, int8_out) >= agree
     if per_layer_bits:   # the 3/4-bit weights travel: the artifact is nearer the QAT model than the fp32 one is
-        assert agree > sqnr_db(qat_out, fp32_out) + 3
+        assert agree > sqnr_db(qat_out - c, fp32_out - c) + 3
 
 
 def test_plan_round_trip_gives_the_identical_model():
