@@ -185,3 +185,21 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ConfigError, match="groups="):
         binarize(picodet, BinaryConfig(layers=(dw,)))
     assert not any(isinstance(m, BinaryConv2d) for m in model.modules())
+
+
+def test_the_lowering_runs_every_binarised_layer_on_the_xnor_kernel(tmp_path):
+    """The exported pattern is what edge_compress.lower reads: every binarised layer lowers to the
+    XNOR-popcount conv and the lowered graph agrees with ONNX Runtime on the same file."""
+    from edge_compress.kernels.executor import Executor
+    from edge_compress.lower.config import LoweringConfig
+    from edge_compress.lower.lower import lower
+
+    model = detector()
+    report = binarize(model, BinaryConfig())
+    path = export_onnx(model, tmp_path / "b.onnx")
+    lowered = lower(str(path), LoweringConfig(default="binary"))
+    binary_nodes = {n for n, p in lowered.precision().items() if p == "binary"}
+    assert binary_nodes == set(_binary_patterns(path)) and len(binary_nodes) == len(report.layers)
+    x = images(1)
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    assert np.max(np.abs(Executor(lowered).run(x) - ref)) <= 1e-5 * np.max(np.abs(ref))
