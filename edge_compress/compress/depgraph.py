@@ -425,9 +425,9 @@ def analyze(model: nn.Module, example: torch.Tensor | None = None) -> Dependency
         runner.run(x)
     model.train(was_training)
     for (name, dim, _), ss in slots.members.items():
-        if name in heads and dim == 0:
-            slots.freeze(torch.tensor(ss, dtype=torch.float64),
-                         f"output channels of the head output conv '{name}' (detection outputs)")
+        if name in heads and dim == 0:       # the more telling reason wins over "reaches the output"
+            slots.reason.update({s: f"output channels of the head output conv '{name}' (detection outputs)"
+                                 for s in ss})
         for s in ss[1:]:
             slots.union(ss[0], s)
     groups = _groups(slots, list(dict(model.named_modules())))
@@ -450,11 +450,11 @@ def _groups(slots: _Slots, module_order: list[str]) -> list[ChannelGroup]:
         reasons.setdefault(slots.find(s), why)
     order = {name: i for i, name in enumerate(module_order)}
     by_signature: dict[tuple, list[int]] = {}
-    for root, touched in classes.items():
+    for root, touched in classes.items():      # frozen channels apart: they must not freeze their neighbours
         key = tuple(sorted(touched, key=lambda md: (order[md[0]], md[1])))
-        by_signature.setdefault(key, []).append(root)
+        by_signature.setdefault((key, root in reasons), []).append(root)
     groups = []
-    for key, roots in by_signature.items():
+    for (key, _), roots in by_signature.items():
         roots.sort(key=lambda r: min(classes[r][key[0]]))
         members = tuple(Member(name, dim, tuple(tuple(sorted(classes[r][(name, dim)])) for r in roots))
                         for name, dim in key)
@@ -466,10 +466,14 @@ def _groups(slots: _Slots, module_order: list[str]) -> list[ChannelGroup]:
 
 def _named(groups: list[ChannelGroup]) -> list[ChannelGroup]:
     """Name a group after its first member, with the index range when the member spans several groups."""
-    out = []
+    out, seen = [], set()
     for g in groups:
         first = g.members[0]
         idx = [i for ix in first.indices for i in ix]
-        name = f"{first.module}[{min(idx)}:{max(idx) + 1}]" if len(idx) else first.module
+        name = base = f"{first.module}[{min(idx)}:{max(idx) + 1}]"
+        k = 1
+        while name in seen:
+            name, k = f"{base}#{k}", k + 1
+        seen.add(name)
         out.append(ChannelGroup(name, g.size, g.members, g.reason))
     return out
