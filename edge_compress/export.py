@@ -262,7 +262,8 @@ def export_model(model, backend: str, out: str | os.PathLike, *, quant=None, sou
         else:
             src, extra = _int8_source(subject, be, quant, fp32_onnx, calib_set, work, tmp, calibration)
         if lowering is not None:
-            src = dataclasses.replace(src, lowering=lowering.to_dict() if hasattr(lowering, "to_dict") else dict(lowering))
+            choice = lowering.to_dict() if hasattr(lowering, "to_dict") else dict(lowering)
+            src = dataclasses.replace(src, lowering=choice)
         model_path = be.export(src, tmp)
         if hasattr(be, "manifest_extra"):
             extra.update(be.manifest_extra(src, tmp))
