@@ -191,6 +191,10 @@ def _read_weights(path: Path, sha: str, gpath: Path) -> dict[str, np.ndarray]:
 def check_graph(g: LoweredGraph, where: str) -> None:
     """Every op known and complete, weights present and well-typed, inputs produced before use."""
     available = set(g.inputs)
+    names = [op.name for op in g.ops]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ArtifactError(f"{where}: op name(s) {dup[:5]} occur more than once (per-op timers need unique names)")
     for op in g.ops:
         spec = OP_SPECS.get(op.type)
         if spec is None:

@@ -31,7 +31,8 @@ class LoweringConfig:
             raise ConfigError(f"lowering.layers must map layer names to choices, got {self.layers!r}") from e
         names = [k for k, _ in pairs]
         if len(set(names)) != len(names):
-            raise ConfigError(f"lowering.layers names a layer twice: {sorted({n for n in names if names.count(n) > 1})}")
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ConfigError(f"lowering.layers names a layer twice: {twice}")
         for name, choice in pairs:
             _check_choice(choice, f"lowering.layers['{name}']")
         object.__setattr__(self, "layers", pairs)

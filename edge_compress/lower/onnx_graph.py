@@ -119,6 +119,8 @@ def _folded(model):
     g = model.graph
     graph = onnx.helper.make_graph(kept, g.name, list(g.input), list(g.output),
                                    [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items() if k in used])
+    for i, n in enumerate(graph.node):   # ops are named after nodes (timers, precision): name the unnamed
+        n.name = n.name or f"{n.op_type}_{i}"
     return onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version), consts
 
 

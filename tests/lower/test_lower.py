@@ -235,9 +235,19 @@ def test_unsupported_op_names_the_node(tmp_path):
                                             "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(ConfigError, match="ONNX node 'head/softmax' \\(Softmax\\) cannot be lowered.*no kernel"):
         lower(m)
-    m2 = helper.make_model(helper.make_graph([helper.make_node("LeakyRelu", ["x"], ["t"], name="lr"),
-                                              helper.make_node("MaxPool", ["t"], ["y"], name="pool", kernel_shape=[2, 2],
-                                                               auto_pad="SAME_UPPER")], "g", [x], [y]),
-                           opset_imports=[helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("LeakyRelu", ["x"], ["t"], name="lr"),
+             helper.make_node("MaxPool", ["t"], ["y"], name="pool", kernel_shape=[2, 2], auto_pad="SAME_UPPER")]
+    m2 = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(ConfigError, match="'pool' \\(MaxPool\\).*auto_pad='SAME_UPPER' is not supported"):
         lower(m2)
+
+
+def test_unnamed_nodes_get_names():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])
+    nodes = [helper.make_node("Relu", ["x"], ["t"]), helper.make_node("Sigmoid", ["t"], ["y"])]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    g = lower(m)
+    assert [op.name for op in g.ops] == ["Relu_0", "Sigmoid_1"] and [n.name for n in m.graph.node] == ["", ""]
+    v = np.linspace(-3, 3, 48, dtype=np.float32).reshape(1, 3, 4, 4)
+    np.testing.assert_allclose(Executor(g).run(v), 1 / (1 + np.exp(-np.maximum(v, 0))), rtol=1e-6)
