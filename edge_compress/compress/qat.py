@@ -44,6 +44,7 @@ from torch import nn
 from edge_compress.compress.layers import check_names, get_parent, output_layers, weight_layers
 from edge_compress.compress.ste import float_bytes, layer_bytes
 from edge_compress.errors import ConfigError, require_known_keys
+from edge_compress.quant import CalibrationTable, QuantConfig
 
 MIN_BITS, MAX_BITS = 2, 8
 MATCH_IMAGES = 2          # images both runtimes see to pair quantizers with ONNX tensors
@@ -220,7 +221,9 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.bias.copy_(new_bias)
 
 
-def _fold_structure(model: nn.Module, pairs: Sequence[Sequence[str]], fold_weights: bool) -> None:
+def fold_pairs(model: nn.Module, pairs: Sequence[Sequence[str]], fold_weights: bool) -> None:
+    """Fold each ``(conv, bn)`` pair (``fold_weights``) or only give it the folded structure (a conv
+    bias, the BN replaced by ``Identity``: ``restructure`` on placeholder weights)."""
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         if not isinstance(bn, nn.BatchNorm2d):
@@ -293,7 +296,7 @@ def select_layers(model: nn.Module, config: QATConfig) -> tuple[list[str], dict[
 def restructure(model: nn.Module, plan: dict[str, Any]) -> None:
     """Fold-structure (conv with a bias, BN -> Identity) and QAT wrappers as in ``plan``, on a fresh
     detector with placeholder weights (weights are not folded; load the state_dict afterwards)."""
-    _fold_structure(model, plan["folded"], fold_weights=False)
+    fold_pairs(model, plan["folded"], fold_weights=False)
     model._qat_folded = [list(p) for p in plan["folded"]]
     layers = weight_layers(model)
     check_names(plan["layers"], layers, "qat plan")
@@ -306,7 +309,7 @@ def prepare_qat(model: nn.Module, config: QATConfig) -> QATReport:
     chosen, skipped = select_layers(model, config)   # names are checked before anything changes
     bytes_fp32 = float_bytes(model)
     pairs = conv_bn_pairs(model)
-    _fold_structure(model, pairs, fold_weights=True)
+    fold_pairs(model, pairs, fold_weights=True)
     model._qat_folded = [list(p) for p in pairs]     # for convert_qat's plan
     per = config.per_layer_bits or {}
     plan = {"method": "qat", "stage": "prepared", "folded": [list(p) for p in pairs], "layers": {
@@ -417,7 +420,7 @@ def match_tensors(torch_values: dict[str, list[np.ndarray]],
 
 
 def qat_calibration(model: nn.Module, fp32_onnx_path: str | Path | None, images: Sequence[np.ndarray],
-                    quant=None) -> "CalibrationTable":  # noqa: F821
+                    quant: QuantConfig | None = None) -> CalibrationTable:
     """The calibration table of the converted model's fp32 ONNX graph with QAT's learned ranges.
 
     ``model`` is the prepared (not yet converted) QAT model; ``fp32_onnx_path`` the fp32 ONNX
@@ -425,8 +428,8 @@ def qat_calibration(model: nn.Module, fp32_onnx_path: str | Path | None, images:
     writes the same graph); ``images`` are float32 network inputs ``(1, C, H, W)``, the first
     ``MATCH_IMAGES`` of which pair quantizers with tensors. Tensors no quantizer matched keep
     the ranges of our post-training calibrator (``quant``: a ``QuantConfig``) on ``images``."""
-    from edge_compress.quant import QuantConfig, calibrate
-    from edge_compress.quant.calibrate import CalibrationTable, tensor_runner
+    from edge_compress.quant import calibrate
+    from edge_compress.quant.calibrate import tensor_runner
 
     ranges = learned_ranges(model)
     if not ranges:

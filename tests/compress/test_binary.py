@@ -139,7 +139,8 @@ def test_clipped_straight_through_gradients():
     b(x).sum().backward()
     # d out / d sign(x) is the sum of the weights touching x; the STE passes it where |x| <= 1 only
     xs = torch.where(x >= 0, 1.0, -1.0).detach().requires_grad_(True)
-    nn.functional.conv2d(nn.functional.pad(xs, (1, 1, 1, 1), value=1.0), b.binary_weight().detach(), b.bias).sum().backward()
+    padded = nn.functional.pad(xs, (1, 1, 1, 1), value=1.0)
+    nn.functional.conv2d(padded, b.binary_weight().detach(), b.bias).sum().backward()
     torch.testing.assert_close(x.grad, xs.grad * (x.detach().abs() <= 1))
     assert (x.grad[x.detach().abs() > 1] == 0).all() and b.weight.grad is not None and b.weight.grad.abs().sum() > 0
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from edge_compress.compress.qat import (ActivationFakeQuant, QATConfig, QATConv2d, activation_quant_off,
                                         conv_bn_pairs, convert_qat, fake_quant_weight, fold_bn, learned_ranges,
-                                        prepare_qat, qat_calibration, restructure, _fold_structure)
+                                        prepare_qat, qat_calibration, restructure, fold_pairs)
 from edge_compress.compress.layers import output_layers
 from edge_compress.data.transforms import normalize
 from edge_compress.errors import ConfigError
@@ -56,7 +56,7 @@ def test_bn_folding_is_exact():
     before = forward(model, x)
     pairs = conv_bn_pairs(model)
     assert len(pairs) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 19
-    _fold_structure(model, pairs, fold_weights=True)
+    fold_pairs(model, pairs, fold_weights=True)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     np.testing.assert_allclose(forward(model, x), before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
 
