@@ -159,6 +159,19 @@ def test_binary_refused_where_the_pattern_is_absent():
         lower(model, LoweringConfig(layers={"bconv": "binary"}))
 
 
+def test_binarized_zoo_detector_lowers_every_binary_layer(images):
+    """The compression step's binary layers (edge_compress.compress.binary) on a trained detector:
+    each one becomes an XNOR-popcount op and the whole detector still matches torch."""
+    from edge_compress.compress.binary import BinaryConfig, binarize
+
+    model = load_detector(ASSETS / "yolo_tiny.pt")
+    binarize(model, BinaryConfig())
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "BinaryConv2d"]
+    g = lower(model, LoweringConfig(layers={n: "binary" for n in names}))
+    assert len(names) > 5 and list(g.precision().values()).count("binary") == len(names)
+    assert relative_error(torch_out(model, images[0]), run(g, images[0])) <= FP32_TOL
+
+
 # --------------------------------------------------------------------------- sparse
 
 
