@@ -202,6 +202,8 @@ def _default_skip_reason(name: str, m: nn.Module, heads: set[str], stem: str | N
         return "not a Conv2d"
     if m.groups != 1:
         return f"grouped/depthwise conv (groups={m.groups}); XNOR convs are dense"
+    if isinstance(m.padding, str) or m.padding_mode != "zeros":
+        return f"padding {m.padding!r} / padding_mode '{m.padding_mode}' (+1 padding replaces numeric zero padding)"
     if name in keep:
         return "kept float by binary.keep"
     return None
