@@ -364,7 +364,7 @@ def _split_dim(n: fx.Node) -> int | None:
         return int(n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0))
     if n.target is operator.getitem and isinstance(n.args[1], tuple):
         idx = n.args[1]
-        if len(idx) >= 2 and idx[0] == slice(None) and isinstance(idx[1], slice) and idx[1] != slice(None):
+        if len(idx) >= 2 and idx[0] == slice(None) and idx[1] != slice(None):
             return 1
     return None
 
@@ -380,8 +380,11 @@ def _split_bounds(n: fx.Node, c: int, env: dict) -> tuple[list[int] | None, bool
         spec = value(n.args[1] if len(n.args) > 1 else n.kwargs["split_size_or_sections"])
         sizes = [spec] * (-(-c // spec)) if isinstance(spec, int) else list(spec)
         cuts = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
-        return cuts, False
+        arg = n.args[1] if len(n.args) > 1 else n.kwargs["split_size_or_sections"]
+        return cuts, isinstance(arg, fx.Node) and isinstance(spec, int) and c % spec == 0
     s = n.args[1][1]
+    if not isinstance(s, slice):
+        return [c], False                               # an index or index list picks channels by position
     start, stop, step = (value(s.start) or 0), value(s.stop), value(s.step)
     if step not in (None, 1):
         return [c], False                               # strided: every channel position matters

@@ -486,11 +486,12 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig, example: torch.
 def _check_plan(model: nn.Module, plan: dict[str, Any], example: torch.Tensor | None) -> None:
     """Apply the plan to a copy first: a forward that fails or changes the output shape means the
     dependency analysis missed a coupling; raise before the caller's model is touched."""
+    p = next(model.parameters())
     x = example[:1].detach() if example is not None else torch.zeros(
-        1, model.input_spec.channels, model.input_spec.height, model.input_spec.width)
+        1, model.input_spec.channels, model.input_spec.height, model.input_spec.width, dtype=p.dtype)
     trial = copy.deepcopy(model).eval()
     with torch.no_grad():
-        want = model.eval()(x).shape if not model.training else copy.deepcopy(model).eval()(x).shape
+        want = trial(x).shape
         restructure(trial, plan)
         try:
             got = trial(x).shape

@@ -47,6 +47,36 @@ def test_literal_slice_freezes_the_channels_before_its_end_and_derived_slice_cou
     assert not g["head[0:2]"].prunable and "head output conv 'head'" in g["head[0:2]"].reason
 
 
+class Picks(nn.Module):
+    """Channel picks by position (an index, a stride) and splits by a size-derived or a literal size."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.how == "index":
+            return self.head(y[:, 3:4].expand(-1, 4, -1, -1) * y[:, 5, None])
+        if self.how == "stride":
+            return self.head(y[:, ::2])
+        if self.how == "split_derived":
+            p, q = torch.split(y, y.shape[1] // 2, dim=1)
+            return self.head(p + q)
+        p, q = torch.split(y, [4, 4], dim=1)
+        return self.head(p * q)
+
+
+def test_position_picks_freeze_and_splits_couple_or_freeze():
+    for how in ("index", "stride", "split_literal"):
+        g = groups_of(Picks(how))
+        assert all(not x.prunable for x in g.values() if ("a", 0) in members(x)), how
+    g = groups_of(Picks("split_derived"))["a[0:8]"]
+    assert g.prunable and members(g)[("a", 0)] == tuple((i, i + 4) for i in range(4))
+
+
 class Plumbing(nn.Module):
     """Residual add, SE-style gate, depthwise conv, a spatial (N, 1, H, W) gate, a conv called twice."""
 
