@@ -158,7 +158,7 @@ def binary_conv2d(x_packed, w_packed, in_channels: int, stride=1, padding=0, dil
     (sh, sw), (dh, dw), (pt, pl_, pb, pr), (oh, ow) = conv_geometry(h, wd, kh, kw, stride, padding, dilation)
     ocp = -(-oc // _OB) * _OB
     wt = np.zeros((ocp, kh * kw * nw), np.uint64)
-    wt[:oc] = w_packed.reshape(oc, -1)
+    wt[:oc] = w_packed.transpose(0, 3, 1, 2).reshape(oc, -1)  # k = (word, tap), the planes' order
     scaled = scale is not None
     s = np.ones(oc, np.float32) if not scaled else np.asarray(scale, np.float32)
     if s.ndim == 0:

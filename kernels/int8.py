@@ -23,6 +23,8 @@ A leaf module: NumPy and numba only. Compiled kernels are cached on disk (``cach
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import llvmlite.binding as llvm_binding
 import numba
 import numpy as np
@@ -305,6 +307,35 @@ def _fill_planes(xw, fill, pt, pl, sh, sw, hs, ws, out):
                             out[o + q] = f
 
 
+@numba.njit(cache=True)
+def _fill_quad_planes(x, fill, pt, pl, sh, sw, hs, ws, out):
+    """_fill_planes for bytes (C, H, W), C % 4 == 0, packed 4 channels to an int32 word (channel
+    4j + t in byte t of word j); built as whole words so the inner loop vectorises."""
+    c, h, wd = x.shape
+    for cq in range(c // 4):
+        f = fill[cq]
+        c4 = 4 * cq
+        for a in range(sh):
+            for b in range(sw):
+                base = ((cq * sh + a) * sw + b) * hs * ws
+                q0 = min(max(0, -(-(pl - b) // sw)), ws)
+                q1 = min(max(q0, -(-(wd + pl - b) // sw)), ws)
+                for r in range(hs):
+                    row, o = a + sh * r - pt, base + r * ws
+                    inside = 0 <= row < h
+                    for q in range(ws if not inside else q0):
+                        out[o + q] = f
+                    if inside:
+                        x0, x1, x2, x3 = x[c4, row], x[c4 + 1, row], x[c4 + 2, row], x[c4 + 3, row]
+                        c0 = b + sw * q0 - pl
+                        for q in range(q1 - q0):
+                            col = c0 + sw * q
+                            out[o + q0 + q] = (np.uint32(x0[col]) | (np.uint32(x1[col]) << 8)
+                                               | (np.uint32(x2[col]) << 16) | (np.uint32(x3[col]) << 24))
+                        for q in range(q1, ws):
+                            out[o + q] = f
+
+
 class Planes:
     """Phase planes of one image and the flat offsets of every (tap, word) for an implicit GEMM.
 
@@ -313,22 +344,27 @@ class Planes:
     contiguous in ow for every stride because each stride phase has its own plane.
     """
 
-    def __init__(self, xw, fill, kh: int, kw: int, stride, dilation, pads, out_hw, block: int):
-        """xw: (words, H, W) planes of one image, ``fill[i]``: the padding value of word i."""
+    def __init__(self, xw, fill, kh: int, kw: int, stride, dilation, pads, out_hw, block: int, quads: bool = False):
+        """xw: (words, H, W) planes of one image, ``fill[i]``: the padding value of word i; with
+        ``quads`` xw is (C, H, W) uint8 (C % 4 == 0) packed into int32 words of 4 channels and
+        ``fill`` holds one padding word per 4 channels."""
         (sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow) = stride, dilation, pads, out_hw
         nw, h, wd = xw.shape
+        nw = nw // 4 if quads else nw
         self.hs, self.ws = -(-(h + pt + pb) // sh), -(-(wd + pl + pr) // sw)
         plane = self.hs * self.ws
         self.pixels = oh * self.ws
         self.padded = -(-self.pixels // block) * block
-        self.x = np.zeros(nw * sh * sw * plane + self.padded + plane, xw.dtype)
-        _fill_planes(xw, fill, pt, pl, sh, sw, self.hs, self.ws, self.x)
+        self.x = np.empty(nw * sh * sw * plane + self.padded + plane, np.int32 if quads else xw.dtype)
+        self.x[nw * sh * sw * plane:] = 0  # read only by dropped outputs; zeroed to stay deterministic
+        (_fill_quad_planes if quads else _fill_planes)(xw, fill, pt, pl, sh, sw, self.hs, self.ws, self.x)
         taps = [((i * dh) % sh * sw + (j * dw) % sw, (i * dh) // sh * self.ws + (j * dw) // sw)
                 for i in range(kh) for j in range(kw)]
         self.tap_phase = np.array([t[0] for t in taps], np.int64)
         self.tap_off = np.array([t[1] for t in taps], np.int64)
         word = np.arange(nw, dtype=np.int64) * (sh * sw * plane)
-        self.offs = (self.tap_phase[:, None] * plane + self.tap_off[:, None] + word[None, :]).ravel()
+        # k = (word, tap): the taps of one word plane are neighbouring rows, read one after another
+        self.offs = (word[:, None] + self.tap_phase[None, :] * plane + self.tap_off[None, :]).ravel()
 
 
 # --------------------------------------------------------------------------- GEMM
@@ -486,38 +522,81 @@ def _as_uint8(x: np.ndarray, x_zp: int) -> tuple[np.ndarray, int]:
     return x, int(x_zp)
 
 
-def _quads(xc: np.ndarray, cpad: int) -> np.ndarray:
-    """(C, H, W) -> (cpad/4, H, W, 4): channel 4j + t is byte t of word j, pad channels 0."""
-    c, h, wd = xc.shape
-    q = np.zeros((cpad, h, wd), xc.dtype)
-    q[:c] = xc
-    return q.reshape(cpad // 4, 4, h, wd).transpose(0, 2, 3, 1)
+@numba.njit(cache=True)
+def _pack_weight_quads(w, wt, wsum):
+    """w (OC, C, KH, KW) int8 -> wt (OCp, Cpad/4 * KH*KW * 4) int8 in the planes' k order
+    (word of 4 channels, then tap, then the channel's byte), zero padded; wsum[oc] = sum of w[oc]."""
+    oc_n, c_n, kh_n, kw_n = w.shape
+    taps = kh_n * kw_n
+    wt[:] = 0
+    for o in range(oc_n):
+        wo, dst = w[o].reshape(c_n, taps), wt[o]
+        total = 0
+        for c in range(c_n):
+            base = (c // 4) * taps * 4 + c % 4
+            for t in range(taps):
+                dst[base + 4 * t] = wo[c, t]
+                total += wo[c, t]
+        wsum[o] = total
 
 
-def _conv_vnni(x, w, groups, geo, b32, x_zp, wzp, req, out) -> None:
+@dataclass(frozen=True, eq=False)
+class PackedConvWeights:
+    """int8 conv weights packed once for the VNNI implicit GEMM (ONNX Runtime likewise packs its
+    weights when a session is created); pass it as ``w`` to ``conv2d_int8``.
+
+    ``wt[g]`` (OCp, K) int8 and ``wsum[g]`` (OC/groups,) int64 per group; ``w`` is the original.
+    """
+
+    w: np.ndarray
+    groups: int
+    wt: tuple
+    wsum: tuple
+
+
+def pack_conv_weights(w, groups: int = 1) -> PackedConvWeights:
+    """Pack an int8 conv weight (OC, C/groups, KH, KW) for repeated ``conv2d_int8`` calls."""
+    w = np.ascontiguousarray(w)
+    _check_int8("w", w, allow_uint8=False)
+    if w.ndim != 4 or groups < 1 or w.shape[0] % groups:
+        raise ConfigError(f"pack_conv_weights needs w (OC, C/groups, KH, KW) with OC divisible by groups={groups}, "
+                          f"got {w.shape}")
+    oc, icg, kh, kw = w.shape
+    ocg = oc // groups
+    ocp, cpad = -(-ocg // _OB) * _OB, -(-icg // 4) * 4
+    wts, sums = [], []
+    for g in range(groups):
+        wt, wsum = np.empty((ocp, kh * kw * cpad), np.int8), np.empty(ocg, np.int64)
+        _pack_weight_quads(w[g * ocg:(g + 1) * ocg], wt, wsum)
+        wts.append(wt)
+        sums.append(wsum)
+    return PackedConvWeights(w, groups, tuple(wts), tuple(sums))
+
+
+def _conv_vnni(x, packed: PackedConvWeights, geo, b32, x_zp, wzp, req, out) -> None:
     """Grouped conv as one VNNI implicit GEMM per (image, group); see the module doc."""
     stride, dilation, pads, (oh, ow) = geo
+    w, groups = packed.w, packed.groups
     n, _, h, wd = x.shape
     oc, icg, kh, kw = w.shape
     ocg, cpad = oc // groups, -(-icg // 4) * 4
     xu, xz = _as_uint8(x, x_zp)
+    if cpad != icg:  # pad every group's channels to whole 4-channel words with zeros
+        xu = np.pad(xu.reshape(n, groups, icg, h, wd), ((0, 0), (0, 0), (0, cpad - icg), (0, 0), (0, 0)))
+    xu = xu.reshape(n, groups * cpad, h, wd)
     fill = np.zeros(cpad, np.uint8)
     fill[:icg] = xz  # padding holds the zero point on real channels, 0 on the pad channels
+    fill = fill.view(np.int32)
     for g in range(groups):
         sel = slice(g * ocg, (g + 1) * ocg)
-        wg = w[sel]
-        ocp = -(-ocg // _OB) * _OB
-        wq = np.zeros((ocp, kh, kw, cpad), np.int8)
-        wq[:ocg, :, :, :icg] = wg.transpose(0, 2, 3, 1)
-        wt = wq.reshape(ocp, -1).view(np.int32)
+        wt, wsum = packed.wt[g], packed.wsum[g]
         zg = wzp[sel].astype(np.int64)
         # sum (x-xz)(w-wz) = sum xw - xz sum w - wz sum x + K xz wz (the kernel computes sum xw)
-        corr = b32[sel].astype(np.int64) - xz * wg.reshape(ocg, -1).sum(axis=1, dtype=np.int64) + icg * kh * kw * xz * zg
+        corr = b32[sel].astype(np.int64) - xz * wsum + icg * kh * kw * xz * zg
         for i in range(n):
-            xw = np.ascontiguousarray(_quads(xu[i, g * icg:(g + 1) * icg], cpad)).view(np.int32)[..., 0]
-            pl = Planes(xw, fill.view(np.int32), kh, kw, stride, dilation, pads, (oh, ow), _PB)
-            acc = np.empty((ocp, pl.padded), np.int32)
-            _vnni_gemm(pl.x, pl.offs, wt, acc)
+            pl = Planes(xu[i, g * cpad:(g + 1) * cpad], fill, kh, kw, stride, dilation, pads, (oh, ow), _PB, quads=True)
+            acc = np.empty((wt.shape[0], pl.padded), np.int32)
+            _vnni_gemm(pl.x, pl.offs, wt.view(np.int32), acc)
             xsum = np.zeros(pl.pixels, np.int64)
             if np.any(zg):
                 _window_sums(pl.x.view(np.uint8), cpad // 4, stride[0] * stride[1], pl.hs * pl.ws,
@@ -551,12 +630,19 @@ def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dil
     ``out_dtype`` (ONNX QLinearConv / TFLite CONV_2D; fused ReLU/ReLU6 via ``qmin``/``qmax``).
     Depthwise is ``groups == C == OC`` (or a channel multiplier, OC = k * C).
 
+    ``w`` may also be a ``PackedConvWeights`` from ``pack_conv_weights(w, groups)``, packed once
+    for many calls (the weights' layout for the VNNI GEMM), its ``groups`` matching ``groups``.
+
     Padding holds the *input zero point*: real 0.0 is represented by ``x_zp`` (real =
     s_x * (q - x_zp)), so this is exactly the zero padding of the float conv, and the padded
     taps contribute nothing to the accumulator (as ONNX ConvInteger/QLinearConv specify).
     """
     x = np.asarray(x)
-    w = np.asarray(w)
+    packed = w if isinstance(w, PackedConvWeights) else None
+    if packed is not None and packed.groups != groups:
+        raise ConfigError(f"weights were packed for groups={packed.groups}, the conv has groups={groups}; "
+                          "pack them with pack_conv_weights(w, groups)")
+    w = packed.w if packed is not None else np.asarray(w)
     _check_int8("x", x, allow_uint8=True)
     _check_int8("w", w, allow_uint8=False)
     if x.ndim != 4 or w.ndim != 4:
@@ -594,7 +680,7 @@ def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dil
     if depthwise:
         _conv_depthwise(x, w, geo, b32, int(x_zp), wzp, req, out)
     else:
-        _conv_vnni(x, w, groups, geo, b32, int(x_zp), wzp, req, out)
+        _conv_vnni(x, packed or pack_conv_weights(w, groups), geo, b32, int(x_zp), wzp, req, out)
     return out
 
 
