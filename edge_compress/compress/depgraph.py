@@ -280,7 +280,8 @@ class _LabelRunner(fx.Interpreter):
     def _elementwise(self, n: fx.Node, value: Any) -> Any:
         args = [a for a in n.args[:2] if isinstance(a, fx.Node) and isinstance(self.env[a], torch.Tensor)]
         tensors = [self.labels[a] for a in args]
-        if not all(self.env[a].dim() == 4 and lab.dim() == 1 for a, lab in zip(args, tensors)) or not isinstance(value, torch.Tensor) or value.dim() != 4:
+        maps = all(self.env[a].dim() == 4 and lab.dim() == 1 for a, lab in zip(args, tensors))
+        if not maps or not isinstance(value, torch.Tensor) or value.dim() != 4:
             return self._unknown(n, value, f"elementwise {getattr(n.target, '__name__', n.target)} on non-channel maps")
         wide = [lab for lab in tensors if lab.numel() == value.shape[1]]
         if len(wide) == 2:                                # residual add / gate: both sides are one channel

@@ -319,23 +319,27 @@ def _bisect(lo: Any, hi: Any, fits: Callable[[Any], bool], integer: bool) -> Any
 
 
 def _choose_drops(groups, scores, config, costs: _Costs, per_layer: list[float] | None) -> list[list[int]]:
+    """Which channels of each group go, under the config's scope and target."""
     if per_layer is not None:
         return _layer_drops(groups, scores, per_layer, config)
     ratio = float(config.ratio)
     if config.scope == "global":
         norm = scores if config.criterion == "bn_scale" else [s / s.mean().clamp_min(1e-30) for s in scores]
+        drops_at = lambda k: _global_drops(groups, norm, k, config)                     # noqa: E731
         total = sum(g.size for g in groups)
         if config.target == "channels":
-            return _global_drops(groups, norm, round(ratio * total), config)
-        budget = (1.0 - ratio) * costs.macs_before
-        fits = lambda k: costs.macs(_removed_counts(groups, _global_drops(groups, norm, k, config))) <= budget  # noqa: E731
-        return _global_drops(groups, norm, _bisect(0, total, fits, True), config)
-    if config.target == "channels":
-        return _layer_drops(groups, scores, [ratio] * len(groups), config)
+            return drops_at(round(ratio * total))
+        return drops_at(_bisect(0, total, _within(costs, groups, drops_at, ratio), True))
+    drops_at = lambda r: _layer_drops(groups, scores, [r] * len(groups), config)      # noqa: E731
+    if config.target == "channels" or ratio == 0:
+        return drops_at(ratio)
+    return drops_at(_bisect(0.0, 1.0 - 1e-9, _within(costs, groups, drops_at, ratio), False))
+
+
+def _within(costs: _Costs, groups: list[ChannelGroup], drops_at: Callable, ratio: float) -> Callable[[Any], bool]:
+    """Whether the candidate at a knob value removes at least ``ratio`` of the model's MACs."""
     budget = (1.0 - ratio) * costs.macs_before
-    fits = lambda r: costs.macs(_removed_counts(groups, _layer_drops(groups, scores, [r] * len(groups), config))) <= budget  # noqa: E731
-    r = 0.0 if ratio == 0 else _bisect(0.0, 1.0 - 1e-9, fits, False)
-    return _layer_drops(groups, scores, [r] * len(groups), config)
+    return lambda knob: costs.macs(_removed_counts(groups, drops_at(knob))) <= budget
 
 
 # ---- selecting groups
