@@ -27,7 +27,7 @@ def _conv(x, p, a):
 
 def _conv_int8(x, p, a):
     q = ops.quantize(x, a["x_scale"], a["x_zp"], np.uint8)
-    y = int8.conv2d_int8(q, p["W"], p["B"], x_zp=a["x_zp"], w_zp=0, stride=a["stride"], padding=a["pads"],
+    y = int8.conv2d_int8(q, p["W_run"], p["B"], x_zp=a["x_zp"], w_zp=0, stride=a["stride"], padding=a["pads"],
                          dilation=a["dilation"], groups=a["group"], multiplier=p["multiplier"], shift=p["shift"],
                          out_zp=a["y_zp"], qmin=a["qmin"], qmax=a["qmax"], out_dtype=np.uint8)
     return ops.dequantize(y, a["y_scale"], a["y_zp"])
@@ -76,7 +76,10 @@ def _prepare(op: Op, weights: dict[str, np.ndarray]) -> dict[str, Any]:
     """The op's arrays by role; sparse weights rebuilt into the kernels' formats once."""
     p = {role: weights[key] for role, key in op.weights.items()}
     shape = tuple(op.attrs.get("shape", ()))
-    if op.type == "conv_sparse_csr":
+    if op.type == "conv_int8":   # weights laid out once for the int8 kernel where it offers that
+        pack = getattr(int8, "pack_conv_weights", None)
+        p["W_run"] = p["W"] if pack is None else pack(p["W"], int(op.attrs["group"]))
+    elif op.type == "conv_sparse_csr":
         p["packed"] = sparse.CSRWeights(p["indptr"], p["indices"], p["values"], shape)
     elif op.type == "conv_sparse_2_4":
         p["packed"] = sparse.NMWeights(p["values"], p["indices"], int(op.attrs["n"]), int(op.attrs["m"]), shape)

@@ -43,7 +43,9 @@ def _pad(x: np.ndarray, pads, value: float = 0.0) -> np.ndarray:
 
 @numba.njit(cache=True, parallel=True)
 def _depthwise(xp, w, bias, sh, sw, dh, dw, out):
-    """out[n, c] = sum_k xp[n, c // m] * w[c, 0]: channel multiplier m = OC / C; parallel over (n, oc)."""
+    """out[n, c] = bias + sum_k xp[n, c // m] * w[c, 0]: channel multiplier m = OC / C; parallel over
+    (n, oc). Taps outermost, output row innermost: a contiguous multiply-add along the row that
+    LLVM vectorises at stride 1 (per pixel, the taps still add in (kh, kw) order after the bias)."""
     batch, c_in = xp.shape[0], xp.shape[1]
     oc_n, _, kh_n, kw_n = w.shape
     mult = oc_n // c_in
@@ -52,14 +54,16 @@ def _depthwise(xp, w, bias, sh, sw, dh, dw, out):
         n = task // oc_n
         oc = task % oc_n
         ic = oc // mult
-        for oh in range(oh_n):
-            for ow in range(ow_n):
-                acc = bias[oc]
-                for kh in range(kh_n):
-                    ih = oh * sh + kh * dh
-                    for kw in range(kw_n):
-                        acc += xp[n, ic, ih, ow * sw + kw * dw] * w[oc, 0, kh, kw]
-                out[n, oc, oh, ow] = acc
+        o = out[n, oc]
+        o[:, :] = bias[oc]
+        for kh in range(kh_n):
+            for kw in range(kw_n):
+                wv = w[oc, 0, kh, kw]
+                for oh in range(oh_n):
+                    row = xp[n, ic, oh * sh + kh * dh]
+                    base = kw * dw
+                    for ow in range(ow_n):
+                        o[oh, ow] += row[base + ow * sw] * wv
 
 
 def conv2d_fp32(x, w, bias=None, stride=1, padding=0, dilation=1, groups: int = 1) -> np.ndarray:
