@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from edge_compress.compress.depgraph import ChannelGroup, DependencyGraph, Member, analyze
 from edge_compress.compress.layers import check_names, weight_layers
@@ -383,6 +384,9 @@ def _eligible(model: nn.Module, graph: DependencyGraph, modules: dict[str, nn.Mo
         if name in graph.head_outputs:
             raise ConfigError(f"channel_prune.layers names '{name}', a head output conv: its output channels are "
                               "the detection outputs; leave it out")
+        if not any(g.prunable and name in g.producers(modules) for g in graph.groups):
+            raise ConfigError(f"channel_prune.layers names '{name}', whose filters cannot be pruned: "
+                              f"{_why_unprunable(name, graph, modules)}; leave it out")
     chosen = []
     for g in graph.groups:
         producers = g.producers(modules)
@@ -463,6 +467,7 @@ def restructure(model: nn.Module, plan: dict[str, Any]) -> None:
 def prune_channels(model: nn.Module, config: ChannelPruneConfig, example: torch.Tensor | None = None,
                    taylor_batches: Iterable[TaylorBatch] | None = None) -> ChannelPruneReport:
     """Prune ``model``'s channels in place (see the module docstring); returns the report with its plan."""
+    _check_plain(model)
     graph = analyze(model, example)
     modules = dict(model.named_modules())
     skipped: dict[str, str] = {}
@@ -485,6 +490,14 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig, example: torch.
                  for g, d in zip(groups, drops))
     return ChannelPruneReport(config.criterion, config.scope, config.target, rows, before.macs, after.macs,
                               before.params, after.params, plan, skipped)
+
+
+def _check_plain(model: nn.Module) -> None:
+    masked = [n for n, m in model.named_modules() if parametrize.is_parametrized(m)]
+    if masked:
+        raise ConfigError(f"layers {masked[:3]} carry parametrizations (unstructured masks?): channel pruning "
+                          "slices plain weights; prune channels first, or bake the masks in with "
+                          "edge_compress.compress.sparsity.remove_masks(model)")
 
 
 def _check_plan(model: nn.Module, plan: dict[str, Any], example: torch.Tensor | None) -> None:

@@ -101,6 +101,17 @@ def test_every_family_prunes_consistently_and_costs_shrink_as_computed(name):
             assert all(g.kept % 8 == 0 or g.kept == g.size for g in report.groups)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_taylor_prunes_every_family(name):
+    model = detector(name)
+    targets = [torch.tensor([[0, 4.0, 4.0, 40.0, 30.0], [2, 20.0, 10.0, 60.0, 60.0]])]
+    x = image()
+    y0 = model(x)
+    report = prune_channels(model, ChannelPruneConfig("taylor", 0.3), taylor_batches=[(image(2), targets)])
+    assert model(x).shape == y0.shape and report.macs_after < report.macs_before
+    assert report.channels_after == sum(g.size - round(0.3 * g.size) for g in report.groups)
+
+
 def test_global_channel_ratio_removes_that_fraction_of_prunable_channels():
     model = detector("ssdlite_mbv3")
     report = prune_channels(model, ChannelPruneConfig("l1", 0.4, scope="global"))
@@ -291,10 +302,17 @@ def test_bad_input_is_a_clear_error_and_leaves_the_model_alone():
         prune_channels(model, ChannelPruneConfig("l1", {"head.pred16": 0.5}))
     with pytest.raises(ConfigError, match="'head.pred32', a head output conv"):
         prune_channels(model, ChannelPruneConfig("l1", 0.5, layers=("head.pred32",)))
+    grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1, groups=2), nn.Conv2d(8, 2, 1))
+    with pytest.raises(ConfigError, match="'0', whose filters cannot be pruned: grouped conv '1' \\(groups=2"):
+        prune_channels(grouped, ChannelPruneConfig("l1", 0.5, layers=("0", "1")), example=torch.rand(1, 3, 8, 8))
     with pytest.raises(ConfigError, match="share channels"):
         prune_channels(detector("ssdlite_mbv2"), ChannelPruneConfig(
             "l1", {"backbone.stage4.0.project.conv": 0.5, "backbone.stage4.1.project.conv": 0.25}))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    from edge_compress.compress.sparsity import SparsityConfig, prune_unstructured
+    prune_unstructured(model, SparsityConfig("magnitude", 0.5))
+    with pytest.raises(ConfigError, match="remove_masks"):
+        prune_channels(model, ChannelPruneConfig("l1", 0.5))
     with pytest.raises(ConfigError, match="not a channel pruning plan"):
         restructure(model, {"method": "layer_drop", "replaced": {}})
     with pytest.raises(ConfigError, match="lacks"):
