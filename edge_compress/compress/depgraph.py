@@ -28,7 +28,10 @@ the analysis is our own, in the spirit of its DepGraph (Fang et al., CVPR 2023):
 Unprunable, with the reason: the model input, the head's output convs (their output
 channels are the detections, found by ``edge_compress.compress.layers.output_layers``),
 anything reshaped into the output, grouped convs other than depthwise, Linear layers
-and any op not listed here (conservative: its inputs are frozen).
+and any op not listed here (conservative: its inputs are frozen). A reshape that keeps
+the channels whole is taken to size itself from the tensor, as the zoo's do; one with a
+literal channel count would break after pruning, which ``prune_channels`` catches by
+applying every plan to a copy of the model first.
 """
 
 from __future__ import annotations
