@@ -22,7 +22,7 @@ from edge_compress.errors import BackendUnavailableError, ConfigError
 class KernelsBackend:
     name = "kernels"
     model_file = "graph.json"      # + weights.npz beside it
-    install_hint = "pip install edge-compress (numpy and numba; export also needs the onnx extra)"
+    install_hint = "pip install 'edge-compress[kernels]' (numba; export also needs the onnx extra)"
     precisions = ("fp32", "int8")
     qdq_activations = "asymmetric"
 

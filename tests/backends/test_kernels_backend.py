@@ -2,6 +2,8 @@
 lowering (sparse), per-op profile, and clear errors for tampered artifacts and misplaced options."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +94,12 @@ def test_misplaced_or_impossible_lowering_is_refused(tmp_path):
 
 def test_tampered_artifact_fails_to_load(tmp_path):
     art = export_model(load_detector(ASSETS / "yolo_tiny.pt"), "kernels", tmp_path / "art")
+    # the device side: loading and running the artifact imports neither torch nor onnx
+    code = ("import sys; sys.modules.update(torch=None, onnx=None, onnxruntime=None); import numpy as np; "
+            "from edge_compress.backends import get_backend; "
+            f"r = get_backend('kernels').load(r'{art.path}'); print(r(np.zeros((1, 3, 128, 128), np.float32)).shape)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
     g = art.path / "graph.json"
     g.write_text(g.read_text().replace('"leaky_relu"', '"leaky"', 1))
     with pytest.raises(ArtifactError, match="unknown type 'leaky'"):
