@@ -6,6 +6,7 @@ and ``edge_compress.compress.sensitivity.sensitivity``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from edge_compress.errors import ArtifactError, ConfigError
@@ -43,6 +44,13 @@ def add_parsers(verbs) -> None:
     p.set_defaults(func=cmd_sensitivity)
 
 
+def _console():
+    """A rich console; 120 columns when not on a terminal (logs, pipes) so table rows stay on one line."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 120)
+
+
 def _threads(a) -> None:
     if a.threads:
         import torch
@@ -51,8 +59,6 @@ def _threads(a) -> None:
 
 
 def cmd_compress(a) -> int:
-    from rich.console import Console
-
     from edge_compress.compress.recipe import compress, load_recipe
     from edge_compress.train import load_detector
 
@@ -61,12 +67,12 @@ def cmd_compress(a) -> int:
         raise ArtifactError(f"--out {a.out} already exists; choose a new directory (results are never overwritten)")
     recipe = load_recipe(a.recipe)          # every recipe error before the model is even loaded
     model = load_detector(a.model)
-    console = Console()
+    console = _console()
     console.print(f"compressing {a.model} ({model.name}) with {a.recipe}: "
                   + " -> ".join(s.method + (" +ft" if s.finetune else "") + (" +kd" if s.distill else "")
                                 for s in recipe.steps))
     result = compress(model, recipe, a.data, a.out, progress=not a.no_progress, device=a.device,
-                      log=lambda msg: console.print(msg, highlight=False))
+                      log=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
     console.print(_table(result.rows))
     console.print(f"wrote {a.out / 'model.pt'} (load, eval or export it like any checkpoint) and "
                   f"{a.out / 'report.json'}")
@@ -74,10 +80,10 @@ def cmd_compress(a) -> int:
 
 
 def _table(rows):
-    from rich.table import Table
+    from rich.table import Column, Table
 
     base = rows[0]
-    t = Table("step", "params (M)", "nonzero (M)", "GFLOPs", "AP", "AP50", "dAP", "dGFLOPs")
+    t = Table(Column("step", no_wrap=True), "params (M)", "nonzero (M)", "GFLOPs", "AP", "AP50", "dAP", "dGFLOPs")
     for r in rows:
         t.add_row(r.stage, f"{r.params / 1e6:.4f}", f"{r.params_nonzero / 1e6:.4f}", f"{r.gflops:.4f}",
                   f"{r.ap:.4f}", f"{r.ap50:.4f}", f"{r.ap - base.ap:+.4f}",
@@ -86,8 +92,7 @@ def _table(rows):
 
 
 def cmd_sensitivity(a) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from edge_compress.compress.sensitivity import SensitivityConfig, sensitivity
     from edge_compress.train import load_detector
@@ -100,12 +105,12 @@ def cmd_sensitivity(a) -> int:
     cfg = SensitivityConfig(prune_ratios=tuple(a.prune_ratios), bits=tuple(a.bits), layers=tuple(a.layers),
                             criterion=a.criterion, max_images=a.max_images)
     model = load_detector(a.model)
-    console = Console()
-    result = sensitivity(model, a.data, cfg, log=lambda msg: console.print(msg, highlight=False))
+    console = _console()
+    result = sensitivity(model, a.data, cfg, log=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
     result.save(a.out)
     d = result.to_dict()
     settings = [f"prune:{r:g}" for r in cfg.prune_ratios] + [f"bits:{b}" for b in cfg.bits]
-    t = Table("layer", *[f"dAP {s}" for s in settings])
+    t = Table(Column("layer", no_wrap=True), *[f"dAP {s}" for s in settings])
     worst = sorted(d["layers"].items(), key=lambda kv: -max((v.get("ap_drop", 0.0) for v in kv[1].values()),
                                                             default=0.0))
     for name, row in worst[:a.top]:

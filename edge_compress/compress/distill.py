@@ -14,8 +14,10 @@ classes and priors (the same family at the same input size, e.g. picodet_s -> pi
 * class scores (Hinton et al. 2015, with temperature ``T``; for detectors Chen et al.,
   NeurIPS 2017): sigmoid heads (``gfl`` class logits, ``yolo`` objectness + class logits)
   get the Bernoulli KL ``KL(sigmoid(t/T) || sigmoid(s/T))`` per channel, the ``ssd``
-  softmax head the categorical KL over background + classes; summed over channels,
-  averaged over priors, times ``T^2``. Zero exactly when the outputs agree.
+  softmax head the categorical KL over background + classes; summed over channels and
+  priors, times ``T^2``, over the teacher's foreground mass (as the detectors normalise
+  their own classification losses by the number of positives). Zero exactly when the
+  outputs agree.
 * localisation: for ``gfl`` heads, Localization Distillation (Zheng et al., CVPR 2022):
   ``KL(softmax(t/T) || softmax(s/T))`` between the per-side distance distributions,
   averaged over the four sides and weighted per prior by the teacher's top class
@@ -124,29 +126,38 @@ def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1e-6)
 
 
+def teacher_foreground(head: str, t: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per prior, the teacher's confidence that it holds an object: top class score (gfl),
+    objectness (yolo), ``1 - p(background)`` (ssd). Shape ``(N, P)``."""
+    if head == "gfl":
+        return t[..., :num_classes].sigmoid().amax(-1)
+    if head == "yolo":
+        return t[..., 4].sigmoid()
+    return 1.0 - t[..., 4:].softmax(-1)[..., 0]
+
+
 def class_distill(head: str, s: torch.Tensor, t: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
-    """Class-score KL per prior (summed over channels), averaged over priors, times ``T^2``."""
+    """Class-score KL summed over channels and priors, times ``T^2``, divided by the teacher's
+    foreground mass (at least 1): the normalisation of the detectors' own QFL/focal/CE terms (a
+    sum over priors over the number of positives), so the term keeps its weight on images where
+    a few objects sit among thousands of background priors."""
     if head == "gfl":
         kl = bernoulli_kl(s[..., :num_classes], t[..., :num_classes], temperature).sum(-1)
     elif head == "yolo":
         kl = bernoulli_kl(s[..., 4:], t[..., 4:], temperature).sum(-1)
     else:   # ssd: background + classes under one softmax
         kl = categorical_kl(s[..., 4:], t[..., 4:], temperature)
-    return kl.mean() * temperature ** 2
+    return kl.sum() * temperature ** 2 / teacher_foreground(head, t, num_classes).sum().clamp_min(1.0)
 
 
 def box_distill(head: str, s: torch.Tensor, t: torch.Tensor, num_classes: int, reg_max: int,
                 temperature: float) -> torch.Tensor:
     """LD on GFL distance distributions; teacher-confidence-weighted offset imitation otherwise."""
+    weight = teacher_foreground(head, t, num_classes)
     if head == "gfl":
         c, bins = num_classes, reg_max + 1
         kl = categorical_kl(s[..., c:].unflatten(-1, (4, bins)), t[..., c:].unflatten(-1, (4, bins)), temperature)
-        weight = t[..., :c].sigmoid().amax(-1)
         return _weighted_mean(kl.mean(-1), weight) * temperature ** 2
-    if head == "yolo":
-        weight = t[..., 4].sigmoid()
-    else:
-        weight = 1.0 - t[..., 4:].softmax(-1)[..., 0]
     return _weighted_mean((s[..., :4] - t[..., :4]).pow(2).sum(-1), weight)
 
 

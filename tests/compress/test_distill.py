@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edge_compress.compress.distill import (DistillConfig, bernoulli_kl, categorical_kl, distillation_loss)
+from edge_compress.compress.distill import (DistillConfig, bernoulli_kl, box_distill, categorical_kl, class_distill,
+                                            distillation_loss)
 from edge_compress.errors import ConfigError
 from edge_compress.models import create_detector
 
@@ -39,6 +40,22 @@ def test_kl_terms_match_torch_kl_div():
     two = lambda z: torch.stack([F.logsigmoid(z), F.logsigmoid(-z)], -1)   # Bernoulli as 2 classes
     ref_b = F.kl_div(two(s / 3), two(t / 3), log_target=True, reduction="none").sum(-1)
     assert torch.allclose(bernoulli_kl(s, t, 3.0), ref_b, atol=1e-12)
+
+
+def test_gfl_terms_by_hand():
+    """One image, two priors, two classes, reg_max 1: class KL over the teacher's foreground mass
+    (clamped to 1), LD weighted by the teacher's top score; float64 references written out."""
+    t = torch.tensor([[[2.0, -1.0, 0.5, 0.0, 0.1, 0.2, 0.3, 0.4, 0.0, 1.0],
+                       [-3.0, 1.0, 0.0, 0.5, 0.4, 0.3, 0.2, 0.1, 1.0, 0.0]]], dtype=torch.float64)
+    s = t + torch.linspace(-0.5, 0.5, 10, dtype=torch.float64)
+    T = 2.0
+    p, q = torch.sigmoid(t[..., :2] / T), torch.sigmoid(s[..., :2] / T)
+    kl = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum()
+    fg = torch.sigmoid(t[..., :2]).amax(-1)
+    assert class_distill("gfl", s, t, 2, T).item() == pytest.approx((kl * T * T / fg.sum().clamp_min(1)).item())
+    pt, ps = (t[..., 2:] / T).view(1, 2, 4, 2).softmax(-1), (s[..., 2:] / T).view(1, 2, 4, 2).softmax(-1)
+    ld = (pt * (pt / ps).log()).sum(-1).mean(-1)
+    assert box_distill("gfl", s, t, 2, 1, T).item() == pytest.approx(((ld * fg).sum() / fg.sum() * T * T).item())
 
 
 @pytest.mark.parametrize("name", FAMILIES)
