@@ -357,7 +357,12 @@ class Planes:
         self.padded = -(-self.pixels // block) * block
         self.x = np.empty(nw * sh * sw * plane + self.padded + plane, np.int32 if quads else xw.dtype)
         self.x[nw * sh * sw * plane:] = 0  # read only by dropped outputs; zeroed to stay deterministic
-        (_fill_quad_planes if quads else _fill_planes)(xw, fill, pt, pl, sh, sw, self.hs, self.ws, self.x)
+        if sh == sw == 1 and not quads:  # one plane per word: the padded image, copied by NumPy
+            padded = self.x[:nw * plane].reshape(nw, self.hs, self.ws)
+            padded[...] = np.asarray(fill, xw.dtype)[:, None, None]
+            padded[:, pt:pt + h, pl:pl + wd] = xw
+        else:
+            (_fill_quad_planes if quads else _fill_planes)(xw, fill, pt, pl, sh, sw, self.hs, self.ws, self.x)
         taps = [((i * dh) % sh * sw + (j * dw) % sw, (i * dh) // sh * self.ws + (j * dw) // sw)
                 for i in range(kh) for j in range(kw)]
         self.tap_phase = np.array([t[0] for t in taps], np.int64)
@@ -440,27 +445,6 @@ def _conv_i32(xp, w, bias, sh, sw, dh, dw, groups, out):
                         for ic in range(icg):
                             acc += xr[ic] * wr[ic]
                 out[n, oc, oh, ow] = acc
-
-
-@numba.njit(cache=True, parallel=True)
-def _depthwise_acc(x, nphase, plane, tap_phase, tap_off, w, x_zp, mult, acc):
-    """acc[oc, p] = sum_t (x - x_zp) * w[oc, t] over the planes of input channel oc // mult.
-
-    One output channel per task, accumulated in a local int32 row; the pixel loop is
-    contiguous for every tap, so LLVM vectorises it.
-    """
-    oc_n, pixels = acc.shape
-    for oc in numba.prange(oc_n):
-        c = oc // mult
-        row = np.zeros(pixels, np.int32)
-        for t in range(tap_phase.shape[0]):
-            base = (c * nphase + tap_phase[t]) * plane + tap_off[t]
-            wv = np.int32(w[oc, t])
-            zw = np.int32(x_zp) * wv
-            src = x[base:base + pixels]
-            for p in range(pixels):
-                row[p] += np.int32(src[p]) * wv - zw
-        acc[oc, :] = row
 
 
 @numba.njit(cache=True)
@@ -604,20 +588,53 @@ def _conv_vnni(x, packed: PackedConvWeights, geo, b32, x_zp, wzp, req, out) -> N
             _epilogue(acc, pl.ws, corr, zg, xsum, req[0][sel], req[1][sel], *req[2:], out[i, sel])
 
 
+@numba.njit(cache=True, parallel=True)
+def _depthwise_planes(x, nphase, plane, tap_phase, tap_off, w, x_zp, mult, ws, bias, req_m, req_s, out_zp, qmin,
+                      qmax, requant, out):
+    """Depthwise conv of one image on its phase planes: w (OC, taps) int32 = w - w_zp, OC = mult * C.
+
+    One output channel per task: every tap adds ``(x - x_zp) * w`` over all output pixels at
+    once (flat index oh * ws + ow, one long contiguous loop that LLVM vectorises; padded taps
+    hold x_zp and add nothing), then the valid columns are requantised straight into ``out``.
+    """
+    oc_n, oh_n, ow_n = out.shape
+    pixels = oh_n * ws
+    for oc in numba.prange(oc_n):
+        c = oc // mult
+        row = np.empty(pixels, np.int32)
+        b = np.int32(bias[oc])
+        for p in range(pixels):
+            row[p] = b
+        for t in range(tap_phase.shape[0]):
+            src = x[(c * nphase + tap_phase[t]) * plane + tap_off[t]:]
+            wv = np.int32(w[oc, t])
+            zc = np.int32(x_zp) * wv
+            for p in range(pixels):
+                row[p] += np.int32(src[p]) * wv - zc
+        m, s = np.int64(req_m[oc]), np.int64(req_s[oc])
+        left, right = max(s, 0), max(-s, 0)
+        mask = (np.int64(1) << right) - 1
+        half = mask >> 1
+        for oh in range(oh_n):
+            src_row, dst = row[oh * ws:oh * ws + ow_n], out[oc, oh]
+            for ow in range(ow_n):
+                v = np.int64(src_row[ow])
+                if requant:
+                    v = min(max(_requant_lanes(v, m, left, right, mask, half) + out_zp, qmin), qmax)
+                dst[ow] = v
+
+
 def _conv_depthwise(x, w, geo, b32, x_zp, wzp, req, out) -> None:
-    """One input channel per group (OC = mult * C): direct kernel on the phase planes."""
+    """One input channel per group (OC = mult * C): a direct kernel on the phase planes."""
     stride, dilation, pads, (oh, ow) = geo
     n, c = x.shape[:2]
     oc, _, kh, kw = w.shape
     w32 = (w.reshape(oc, kh * kw).astype(np.int32) - wzp[:, None]).astype(np.int32)
     fill = np.full(c, x_zp, x.dtype)
-    zero = np.zeros(oc, np.int64)
     for i in range(n):
         pl = Planes(x[i], fill, kh, kw, stride, dilation, pads, (oh, ow), 1)
-        acc = np.empty((oc, pl.pixels), np.int32)
-        _depthwise_acc(pl.x, stride[0] * stride[1], pl.hs * pl.ws, pl.tap_phase, pl.tap_off, w32,
-                       np.int32(x_zp), oc // c, acc)
-        _epilogue(acc, pl.ws, b32.astype(np.int64), zero, np.zeros(1, np.int64), *req, out[i])
+        _depthwise_planes(pl.x, stride[0] * stride[1], pl.hs * pl.ws, pl.tap_phase, pl.tap_off, w32, np.int32(x_zp),
+                          oc // c, pl.ws, b32, *req, out[i])
 
 
 def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dilation=1, groups: int = 1,
