@@ -122,3 +122,19 @@ def test_binary_conv_rejects_bad_input():
         binary_conv2d(x, w, 70, scale=np.ones(3))
     with pytest.raises(ConfigError, match="larger than the padded input"):
         binary_conv2d(x, pack_bits(np.ones((2, 70, 5, 5))), 70)
+
+
+def test_binary_conv_many_tiles_bit_exact():
+    """Several 4-channel x 32-pixel tiles with remainders, 3 words with tail bits, strides and
+    dilation through the stride-phase planes; the int32 result may be a strided view."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 150, 23, 19))
+    w = rng.standard_normal((37, 150, 3, 3))
+    for stride, dilation, pads in [((1, 1), (1, 1), (1, 1, 1, 1)), ((2, 1), (1, 2), (2, 0, 1, 3))]:
+        got = binary_conv2d(pack_bits(x), pack_bits(w), 150, stride=stride, padding=pads, dilation=dilation)
+        ref = ref_binary_conv(x, w, stride, pads, dilation)
+        np.testing.assert_array_equal(np.ascontiguousarray(got), ref)
+        scale = rng.uniform(0.1, 1.0, 37).astype(np.float32)
+        scaled = binary_conv2d(pack_bits(x), pack_bits(w), 150, stride=stride, padding=pads, dilation=dilation,
+                               scale=scale)
+        np.testing.assert_array_equal(scaled, ref.astype(np.float32) * scale[None, :, None, None])

@@ -333,3 +333,81 @@ def test_onnx_qlinearconv_node_cases():
         got = conv2d_int8(x, w8, None, int(xzp), wzp8, multiplier=mult, shift=shift, out_zp=int(yzp),
                           out_dtype=y.dtype, **_conv_attrs(node))
         np.testing.assert_array_equal(got, y, err_msg=name)
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+def test_planes_offsets_address_the_padded_input():
+    """Planes' invariant: x[offs[k] + oh * ws + ow] is the padded input under tap k of output (oh, ow)."""
+    from edge_compress.kernels.int8 import Planes
+
+    rng = np.random.default_rng(5)
+    for stride, dilation, pads in [((1, 1), (1, 1), (1, 1, 1, 1)), ((2, 3), (1, 2), (2, 0, 1, 3)), ((3, 2), (2, 1), (0, 1, 0, 2))]:
+        xw = rng.integers(1, 1000, (3, 11, 13)).astype(np.int32)
+        fill = np.array([-1, -2, -3], np.int32)
+        (pt, pl, pb, pr), (sh, sw), (dh, dw) = pads, stride, dilation
+        padded = np.stack([np.pad(xw[i], ((pt, pb), (pl, pr)), constant_values=fill[i]) for i in range(3)])
+        oh = (11 + pt + pb - dh * 2 - 1) // sh + 1
+        ow = (13 + pl + pr - dw * 2 - 1) // sw + 1
+        p = Planes(xw, fill, 3, 3, stride, dilation, pads, (oh, ow), 16)
+        for k, (i, t) in enumerate((i, t) for i in range(3) for t in range(9)):
+            kh, kw = divmod(t, 3)
+            got = p.x[p.offs[k] + np.arange(oh)[:, None] * p.ws + np.arange(ow)[None, :]]
+            want = padded[i, kh * dh: kh * dh + sh * (oh - 1) + 1: sh, kw * dw: kw * dw + sw * (ow - 1) + 1: sw]
+            np.testing.assert_array_equal(got, want, err_msg=f"stride {stride} dilation {dilation} tap {t}")
+
+
+def _large_case(seed, c, oc, groups, h, w, x_dt):
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(x_dt)
+    x = rng.integers(info.min, info.max + 1, (2, c, h, w)).astype(x_dt)
+    wt = rng.integers(-128, 128, (oc, c // groups, 3, 3)).astype(np.int8)
+    bias = rng.integers(-5000, 5000, oc).astype(np.int32)
+    return x, wt, bias, int(rng.integers(info.min, info.max + 1)), rng.integers(-128, 128, oc).astype(np.int32)
+
+
+@pytest.mark.parametrize("c, oc, groups, x_dt", [(72, 13, 1, np.int8), (10, 14, 2, np.uint8), (40, 80, 40, np.int8)])
+def test_conv_across_many_tiles_bit_exact(c, oc, groups, x_dt):
+    """Detector-like sizes: several pixel and channel tiles, channels padded to 4-byte words
+    (icg=5), depthwise with a channel multiplier, signed input, per-channel weight zero points."""
+    x, w, bias, x_zp, w_zp = _large_case(c + oc, c, oc, groups, 23, 17, x_dt)
+    for stride, dilation, pads in [((1, 1), (1, 1), (1, 1, 1, 1)), ((2, 1), (1, 2), (2, 0, 1, 3))]:
+        ref = ref_conv(x, w, bias, x_zp, w_zp, stride, pads, dilation, groups)
+        got = conv2d_int8(x, w, bias, x_zp, w_zp, stride=stride, padding=pads, dilation=dilation, groups=groups)
+        np.testing.assert_array_equal(got, ref)
+        mult, shift = quantize_multiplier(np.linspace(1e-4, 3e-3, oc))
+        got8 = conv2d_int8(x, w, bias, x_zp, w_zp, stride=stride, padding=pads, dilation=dilation, groups=groups,
+                           multiplier=mult, shift=shift, out_zp=-3, qmin=-3)
+        want8 = ref_requantize(ref, mult.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1), -3, -3, 127)
+        np.testing.assert_array_equal(got8, want8)
+
+
+@pytest.mark.parametrize("c, oc, groups", [(72, 13, 1), (10, 14, 2)])
+def test_portable_kernel_bit_exact(c, oc, groups):
+    """The direct int16 kernel that runs where the CPU has no AVX-512 VNNI (switched on here)."""
+    from edge_compress.kernels import int8
+
+    x, w, bias, x_zp, w_zp = _large_case(7, c, oc, groups, 9, 11, np.uint8)
+    before = int8.USE_VNNI
+    int8.USE_VNNI = False
+    try:
+        got = conv2d_int8(x, w, bias, x_zp, w_zp, stride=2, padding=1, groups=groups)
+    finally:
+        int8.USE_VNNI = before
+    np.testing.assert_array_equal(got, ref_conv(x, w, bias, x_zp, w_zp, (2, 2), (1, 1, 1, 1), (1, 1), groups))
+
+
+def test_packed_weights_reused_and_checked():
+    from edge_compress.kernels.int8 import pack_conv_weights
+
+    x, w, bias, x_zp, w_zp = _large_case(3, 12, 9, 3, 8, 8, np.uint8)
+    packed = pack_conv_weights(w, groups=3)
+    for scale in (1, 2):  # the same packed weights on two inputs
+        xs = (x // scale).astype(np.uint8)
+        got = conv2d_int8(xs, packed, bias, x_zp, w_zp, padding=1, groups=3)
+        np.testing.assert_array_equal(got, ref_conv(xs, w, bias, x_zp, w_zp, (1, 1), (1, 1, 1, 1), (1, 1), 3))
+    with pytest.raises(ConfigError, match="packed for groups=3"):
+        conv2d_int8(x, packed, groups=1)
+    with pytest.raises(ConfigError, match="divisible by groups"):
+        pack_conv_weights(w, groups=2)
