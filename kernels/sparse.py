@@ -39,6 +39,16 @@ from numba.extending import intrinsic
 from edge_compress.errors import ConfigError
 from edge_compress.kernels.int8 import conv_geometry
 
+# Output pixels per register tile of the CSR / N:M product: 8 AVX2 registers of accumulators
+# (LLVM's numba target uses 256-bit vectors on x86 even with AVX-512), leaving registers for the
+# broadcast weight and the addresses.
+TILE = 64
+# Block-sparse product: BSR_ROWS output channels share each nonzero column, so one load of a
+# column tile feeds BSR_ROWS FMAs; 4 channels x 32 pixels = 16 AVX2 accumulators.
+BSR_ROWS = 4
+BSR_TILE = 32
+_BSR_ACC = BSR_ROWS * BSR_TILE
+
 
 # --------------------------------------------------------------------------- formats
 
@@ -184,11 +194,70 @@ def nm_pack(w2d, n: int = 2, m: int = 4) -> NMWeights:
     return NMWeights(values.reshape(o, -1), pos.astype(np.uint8).reshape(o, -1), int(n), int(m), (o, k))
 
 
+@dataclass(frozen=True, eq=False)
+class BSRWeights:
+    """Block-sparse rows of a (O, K) weight in blocks of ``BSR_ROWS`` (4) consecutive output
+    channels x 1 K entry: block row ``r`` (channels 4r..4r+3) holds blocks
+    ``indptr[r]:indptr[r+1]`` at columns ``indices[...]`` (ascending) with ``values[j]`` the 4
+    channels' weights (zeros where a block is partly filled). O is padded to a multiple of 4."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        o, k = self.shape
+        r_n = -(-o // BSR_ROWS)
+        if self.indptr.dtype != np.int32 or self.indices.dtype != np.int32 or self.values.dtype != np.float32:
+            raise ConfigError(f"BSRWeights needs int32 indptr/indices and float32 values, got "
+                              f"{self.indptr.dtype}, {self.indices.dtype}, {self.values.dtype}; build it with bsr_pack")
+        if self.indptr.shape != (r_n + 1,) or self.indptr[0] != 0 or np.any(np.diff(self.indptr) < 0):
+            raise ConfigError(f"BSRWeights.indptr must be {r_n + 1} non-decreasing offsets from 0 (one per block "
+                              f"row of {BSR_ROWS} channels), got shape {self.indptr.shape}")
+        blocks = int(self.indptr[-1])
+        if self.indices.shape != (blocks,) or self.values.shape != (blocks, BSR_ROWS):
+            raise ConfigError(f"BSRWeights: indptr says {blocks} blocks but indices/values have "
+                              f"{self.indices.shape}/{self.values.shape} (values need shape ({blocks}, {BSR_ROWS}))")
+        if blocks and (self.indices.min() < 0 or self.indices.max() >= k):
+            raise ConfigError(f"BSRWeights.indices must lie in [0, {k}), got [{self.indices.min()}, {self.indices.max()}]")
+
+    @property
+    def density(self) -> float:
+        """Fraction of the (padded) weight stored: explicit zeros of partly filled blocks count."""
+        return int(self.indptr[-1]) / ((len(self.indptr) - 1) * self.shape[1])
+
+    @classmethod
+    def from_conv_weight(cls, w) -> "BSRWeights":
+        """Pack a conv weight (O, C, KH, KW); K is the flattened (C, KH, KW), C outermost."""
+        return bsr_pack(_conv_weight_2d(w, "BSRWeights.from_conv_weight"))
+
+    def to_dense(self) -> np.ndarray:
+        o, k = self.shape
+        out = np.zeros((len(self.indptr) - 1, BSR_ROWS, k), np.float32)
+        rows = np.repeat(np.arange(len(self.indptr) - 1), np.diff(self.indptr))
+        out[rows, :, self.indices] = self.values
+        return out.reshape(-1, k)[:o]
+
+
+def bsr_pack(w2d) -> BSRWeights:
+    """Blocks of 4 output channels x 1 K entry holding any nonzero (values bit for bit, zeros kept
+    inside a block). Fast when the weight was pruned in such blocks (``density`` then equals the
+    kept fraction); an unstructured mask fills most blocks partly and stores far more entries."""
+    w = _as_weight_2d(w2d, "bsr_pack")
+    o, k = w.shape
+    r_n = -(-o // BSR_ROWS)
+    padded = np.zeros((r_n * BSR_ROWS, k), np.float32)
+    padded[:o] = w
+    blocks = padded.reshape(r_n, BSR_ROWS, k)
+    rows, cols = np.nonzero(np.any(blocks != 0, axis=1))
+    indptr = np.zeros(r_n + 1, np.int32)
+    np.cumsum(np.bincount(rows, minlength=r_n), out=indptr[1:])
+    return BSRWeights(indptr, cols.astype(np.int32), np.ascontiguousarray(blocks[rows, :, cols]), (o, k))
+
+
 # --------------------------------------------------------------------------- kernels
 
-# Output pixels per register tile: 8 AVX2 registers of accumulators (LLVM targets 256-bit
-# vectors on this CPU family), leaving registers for the broadcast weight and addresses.
-TILE = 64
 
 
 @intrinsic
@@ -211,36 +280,37 @@ O_BLOCK = 16
 
 
 @numba.njit(cache=True, inline="always")
-def _task_range(task, n_tiles, o_blocks, p_n, o_n):
+def _task_range(task, n_tiles, o_blocks, p_n, o_n, tile, o_block):
     """(n, p0, keep, o0, o1) of a parallel task, tasks ordered (n, tile, output block).
 
-    The task computes pixels [p0, p0 + TILE) and stores those from p0 + keep on. When P is not
-    a multiple of TILE the last tile is shifted back to end at P (keep > 0 skips the pixels the
-    previous tile owns), so every tile runs the register path; the caller ensures P >= TILE.
+    The task computes pixels [p0, p0 + tile) and stores those from p0 + keep on. When P is not
+    a multiple of the tile the last tile is shifted back to end at P (keep > 0 skips the pixels
+    the previous tile owns), so every tile runs the register path; the caller ensures P >= tile.
     """
     n = task // (n_tiles * o_blocks)
     rest = task - n * n_tiles * o_blocks
     t = rest // o_blocks
     ob = rest - t * o_blocks
-    p0 = t * TILE
+    p0 = t * tile
     keep = 0
-    if p0 + TILE > p_n:
-        keep = p0 + TILE - p_n
-        p0 = p_n - TILE
-    return n, p0, keep, ob * O_BLOCK, min((ob + 1) * O_BLOCK, o_n)
+    if p0 + tile > p_n:
+        keep = p0 + tile - p_n
+        p0 = p_n - tile
+    return n, p0, keep, ob * o_block, min((ob + 1) * o_block, o_n)
 
 
 @numba.njit(cache=True, inline="always")
-def _store_tile(acc, dst, keep, spill):
-    """dst[keep:] = acc[keep:] with constant indices into acc only (a variable index would make
-    LLVM keep acc in memory for the whole kernel), through the stack buffer ``spill``."""
+def _store_tile(acc, off, tile, dst, keep, spill):
+    """dst[keep:tile] = acc[off + keep:off + tile], indexing acc only with constants (``off`` and
+    ``tile`` are constants at every call): one variable index would make LLVM keep the whole
+    accumulator in memory. A partial store goes through the stack buffer ``spill``."""
     if keep == 0:
-        for p in range(TILE):
-            dst[p] = acc[p]
+        for p in range(tile):
+            dst[p] = acc[off + p]
     else:
-        for p in range(TILE):
-            spill[p] = acc[p]
-        for p in range(keep, TILE):
+        for p in range(tile):
+            spill[p] = acc[off + p]
+        for p in range(keep, tile):
             dst[p] = spill[p]
 
 
@@ -256,7 +326,7 @@ def _csr_matmul(indptr, indices, values, cols, bias, p_n, out):
     n_tiles = (p_n + TILE - 1) // TILE
     o_blocks = (o_n + O_BLOCK - 1) // O_BLOCK
     for task in numba.prange(batch * n_tiles * o_blocks):
-        n, p0, keep, o0, o1 = _task_range(task, n_tiles, o_blocks, p_n, o_n)
+        n, p0, keep, o0, o1 = _task_range(task, n_tiles, o_blocks, p_n, o_n, TILE, O_BLOCK)
         b = cols[n]
         acc = numba.carray(_stack_f32(TILE), TILE)
         spill = numba.carray(_stack_f32(TILE), TILE)
@@ -268,7 +338,7 @@ def _csr_matmul(indptr, indices, values, cols, bias, p_n, out):
                 v = values[j]
                 for p in range(TILE):
                     acc[p] += v * src[p]
-            _store_tile(acc, out[n, o, p0:p0 + TILE], keep, spill)
+            _store_tile(acc, 0, TILE, out[n, o, p0:p0 + TILE], keep, spill)
 
 
 @numba.njit(cache=True, parallel=True, fastmath={"contract"})
@@ -280,7 +350,7 @@ def _nm_matmul(values, positions, n_keep, m_group, cols, bias, p_n, out):
     n_tiles = (p_n + TILE - 1) // TILE
     o_blocks = (o_n + O_BLOCK - 1) // O_BLOCK
     for task in numba.prange(batch * n_tiles * o_blocks):
-        n, p0, keep, o0, o1 = _task_range(task, n_tiles, o_blocks, p_n, o_n)
+        n, p0, keep, o0, o1 = _task_range(task, n_tiles, o_blocks, p_n, o_n, TILE, O_BLOCK)
         b = cols[n]
         acc = numba.carray(_stack_f32(TILE), TILE)
         spill = numba.carray(_stack_f32(TILE), TILE)
@@ -293,7 +363,55 @@ def _nm_matmul(values, positions, n_keep, m_group, cols, bias, p_n, out):
                     v = values[o, i]
                     for p in range(TILE):
                         acc[p] += v * src[p]
-            _store_tile(acc, out[n, o, p0:p0 + TILE], keep, spill)
+            _store_tile(acc, 0, TILE, out[n, o, p0:p0 + TILE], keep, spill)
+
+
+
+
+@numba.njit(cache=True, parallel=True, fastmath={"contract"})
+def _bsr_matmul(indptr, indices, values, cols, bias, p_n, out):
+    """out[n, 4r + v, :P] = bias + sum_j values[j, v] * cols[n, indices[j], :P] over block row r.
+
+    As ``_csr_matmul`` with a block row (4 output channels) in place of a row; ``bias`` and
+    ``out`` have the channels padded to whole block rows.
+    """
+    batch = out.shape[0]
+    r_n = indptr.shape[0] - 1
+    r_block = O_BLOCK // BSR_ROWS
+    n_tiles = (p_n + BSR_TILE - 1) // BSR_TILE
+    r_blocks = (r_n + r_block - 1) // r_block
+    for task in numba.prange(batch * n_tiles * r_blocks):
+        n, p0, keep, r0, r1 = _task_range(task, n_tiles, r_blocks, p_n, r_n, BSR_TILE, r_block)
+        b = cols[n]
+        acc = numba.carray(_stack_f32(_BSR_ACC), _BSR_ACC)
+        spill = numba.carray(_stack_f32(BSR_TILE), BSR_TILE)
+        for r in range(r0, r1):
+            b0 = bias[r * BSR_ROWS]
+            b1 = bias[r * BSR_ROWS + 1]
+            b2 = bias[r * BSR_ROWS + 2]
+            b3 = bias[r * BSR_ROWS + 3]
+            for p in range(BSR_TILE):
+                acc[p] = b0
+                acc[BSR_TILE + p] = b1
+                acc[2 * BSR_TILE + p] = b2
+                acc[3 * BSR_TILE + p] = b3
+            for j in range(indptr[r], indptr[r + 1]):
+                src = b[indices[j], p0:p0 + BSR_TILE]
+                v0 = values[j, 0]
+                v1 = values[j, 1]
+                v2 = values[j, 2]
+                v3 = values[j, 3]
+                for p in range(BSR_TILE):
+                    s = src[p]
+                    acc[p] += v0 * s
+                    acc[BSR_TILE + p] += v1 * s
+                    acc[2 * BSR_TILE + p] += v2 * s
+                    acc[3 * BSR_TILE + p] += v3 * s
+            o = r * BSR_ROWS  # unrolled by hand: constant offsets into acc (see _store_tile)
+            _store_tile(acc, 0, BSR_TILE, out[n, o, p0:p0 + BSR_TILE], keep, spill)
+            _store_tile(acc, BSR_TILE, BSR_TILE, out[n, o + 1, p0:p0 + BSR_TILE], keep, spill)
+            _store_tile(acc, 2 * BSR_TILE, BSR_TILE, out[n, o + 2, p0:p0 + BSR_TILE], keep, spill)
+            _store_tile(acc, 3 * BSR_TILE, BSR_TILE, out[n, o + 3, p0:p0 + BSR_TILE], keep, spill)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -370,12 +488,13 @@ def _columns(x, kh, kw, stride, padding, dilation):
 
 
 def _run(kernel, args, cols, o: int, oh: int, ow: int, bias) -> np.ndarray:
-    """Run a product kernel into a fresh (N, O, OH, OW) output (padded to TILE pixels if smaller)."""
+    """Run a product kernel into a fresh (N, O, OH, OW) output. The kernel's output has at least
+    TILE pixels and ``len(bias)`` channels (block-padded for BSR); the padding is cut off here."""
     p = oh * ow
-    out = np.empty((cols.shape[0], o, max(p, TILE)), np.float32)
+    out = np.empty((cols.shape[0], len(bias), max(p, TILE)), np.float32)
     kernel(*args, cols, bias, max(p, TILE), out)
-    if p < TILE:
-        out = np.ascontiguousarray(out[:, :, :p])
+    if p < TILE or len(bias) != o:
+        out = np.ascontiguousarray(out[:, :o, :p])
     return out.reshape(cols.shape[0], o, oh, ow)
 
 
@@ -403,3 +522,16 @@ def sparse_conv2d_nm(x, nmw: NMWeights, kh: int, kw: int, in_channels: int, stri
     x, b = _check_conv_args(x, k, o, kh, kw, in_channels, bias, "sparse_conv2d_nm")
     cols, (oh, ow) = _columns(x, kh, kw, stride, padding, dilation)
     return _run(_nm_matmul, (nmw.values, nmw.indices, nmw.n, nmw.m), cols, o, oh, ow, b)
+
+
+def sparse_conv2d_bsr(x, bsr: BSRWeights, kh: int, kw: int, in_channels: int, stride=1, padding=0, dilation=1,
+                      bias=None) -> np.ndarray:
+    """fp32 conv2d (NCHW, groups=1) with 4x1 block-sparse weights from ``bsr_pack(w.reshape(O, -1))``."""
+    if not isinstance(bsr, BSRWeights):
+        raise ConfigError(f"sparse_conv2d_bsr needs BSRWeights from bsr_pack, got {type(bsr).__name__}")
+    o, k = bsr.shape
+    x, b = _check_conv_args(x, k, o, kh, kw, in_channels, bias, "sparse_conv2d_bsr")
+    cols, (oh, ow) = _columns(x, kh, kw, stride, padding, dilation)
+    b_padded = np.zeros((len(bsr.indptr) - 1) * BSR_ROWS, np.float32)
+    b_padded[:o] = b
+    return _run(_bsr_matmul, (bsr.indptr, bsr.indices, bsr.values), cols, o, oh, ow, b_padded)

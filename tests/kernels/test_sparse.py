@@ -1,4 +1,4 @@
-"""Sparse fp32 conv (CSR and N:M) against a plain NumPy float64 convolution.
+"""Sparse fp32 conv (CSR, 4x1 block-sparse BSR and N:M) against a plain NumPy float64 convolution.
 
 Formats: pack/unpack round trips give back the dense matrix bit for bit. Numerics: the
 kernels' float32 output against an fp64 reference conv of the same (sparse) weight that
@@ -18,10 +18,14 @@ pytest.importorskip("numba")
 
 from edge_compress.errors import ConfigError  # noqa: E402
 from edge_compress.kernels.sparse import (  # noqa: E402
+    BSR_ROWS,
+    BSRWeights,
     CSRWeights,
     NMWeights,
+    bsr_pack,
     csr_pack,
     nm_pack,
+    sparse_conv2d_bsr,
     sparse_conv2d_csr,
     sparse_conv2d_nm,
 )
@@ -56,6 +60,17 @@ def assert_close(got, ref):
 def sparse_weight(rng, shape, sparsity, zero_rows=0):
     w = rng.standard_normal(shape).astype(np.float32)
     w[rng.random(shape) < sparsity] = 0
+    w[:zero_rows] = 0
+    return w
+
+
+def block_sparse_weight(rng, shape, sparsity, zero_rows=0):
+    """Zeros in whole blocks of BSR_ROWS output channels x 1 K entry, plus unstructured zeros
+    inside the kept blocks (partly filled blocks) and all-zero leading rows."""
+    o = shape[0]
+    keep = rng.random((-(-o // BSR_ROWS), int(np.prod(shape[1:])))) >= sparsity
+    mask = np.repeat(keep, BSR_ROWS, axis=0)[:o].reshape(shape) & (rng.random(shape) >= 0.2)
+    w = (rng.standard_normal(shape) * mask).astype(np.float32)
     w[:zero_rows] = 0
     return w
 
@@ -95,6 +110,28 @@ def test_csr_from_conv_weight_flattens_c_outermost():
     o, k = np.argwhere(w.reshape(4, -1) != 0)[0]
     c, i, j = np.unravel_index(k, (3, 2, 5))
     assert csr.values[csr.indptr[o]] == w[o, c, i, j]
+
+
+@pytest.mark.parametrize("o", [1, 4, 7, 9])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_bsr_round_trip_is_exact(o, sparsity):
+    rng = np.random.default_rng(o)
+    w = block_sparse_weight(rng, (o, 29), sparsity, zero_rows=1)
+    bsr = bsr_pack(w)
+    assert bsr.values.shape == (bsr.indptr[-1], BSR_ROWS) and bsr.indices.dtype == np.int32
+    np.testing.assert_array_equal(bsr.to_dense(), w)
+    blocks = np.pad(w, ((0, -o % BSR_ROWS), (0, 0))).reshape(-1, BSR_ROWS, 29)
+    assert bsr.indptr[-1] == int(np.any(blocks != 0, axis=1).sum())  # exactly the blocks holding a nonzero
+    assert bsr.density == pytest.approx(bsr.indptr[-1] / (blocks.shape[0] * 29))
+
+
+def test_bsr_from_conv_weight_and_unstructured_fill_in():
+    """A 4x1 block covers channels 4r..4r+3 at one (c, i, j); unstructured zeros fill blocks partly."""
+    rng = np.random.default_rng(3)
+    w = sparse_weight(rng, (8, 3, 3, 3), 0.9)
+    bsr = BSRWeights.from_conv_weight(w)
+    np.testing.assert_array_equal(bsr.to_dense(), w.reshape(8, -1))
+    assert bsr.density >= (w != 0).mean()
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (1, 2)])
@@ -140,6 +177,9 @@ def test_pack_rejects_bad_weights():
     csr = csr_pack(np.eye(3, dtype=np.float32))
     with pytest.raises(ConfigError, match="indices must lie in"):
         CSRWeights(csr.indptr, csr.indices + 1, csr.values, (3, 3))
+    bsr = bsr_pack(np.eye(8, dtype=np.float32))
+    with pytest.raises(ConfigError, match=r"values need shape \(8, 4\)"):
+        BSRWeights(bsr.indptr, bsr.indices, bsr.values[:, :2].copy(), (8, 8))
     with pytest.raises(ConfigError, match="strictly ascending"):
         NMWeights(np.ones((1, 2), np.float32), np.array([[1, 1]], np.uint8), 2, 4, (1, 4))
 
@@ -181,6 +221,15 @@ def test_csr_conv_matches_fp64(case):
 
 
 @SETTINGS
+@given(case=conv_cases())
+def test_bsr_conv_matches_fp64(case):
+    def weight(rng, shape):
+        return block_sparse_weight(rng, shape, case["sparsity"], case["zero_rows"])
+
+    _run_case(case, weight, BSRWeights.from_conv_weight, sparse_conv2d_bsr)
+
+
+@SETTINGS
 @given(case=conv_cases(), nm=st.sampled_from([(2, 4), (1, 4), (2, 8)]))
 def test_nm_conv_matches_fp64(case, nm):
     n, m = nm
@@ -202,6 +251,9 @@ def test_tiles_and_shifted_last_tile(hw, ksize):
     ref = ref_conv(x, w, bias, (1, 1), (ksize // 2,) * 4, (1, 1))
     assert_close(sparse_conv2d_csr(x, csr_pack(w.reshape(40, -1)), ksize, ksize, 12, padding=ksize // 2, bias=bias),
                  ref)
+    wb = block_sparse_weight(rng, (38, 12, ksize, ksize), 0.7, zero_rows=1)  # 38: a half-filled last block row
+    assert_close(sparse_conv2d_bsr(x, bsr_pack(wb.reshape(38, -1)), ksize, ksize, 12, padding=ksize // 2, bias=bias[:38]),
+                 ref_conv(x, wb, bias[:38], (1, 1), (ksize // 2,) * 4, (1, 1)))
     w24 = two_four_weight(rng, (40, 12, ksize, ksize))
     ref24 = ref_conv(x, w24, bias, (1, 1), (ksize // 2,) * 4, (1, 1))
     assert_close(sparse_conv2d_nm(x, nm_pack(w24.reshape(40, -1)), ksize, ksize, 12, padding=ksize // 2, bias=bias),
@@ -212,10 +264,13 @@ def test_detector_sized_1x1_matches_fp64():
     """A 1x1 layer of the benchmark's size runs on the NCHW input directly (80x80 = 100 tiles)."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 64, 80, 80)).astype(np.float32)
-    w = sparse_weight(rng, (128, 64, 1, 1), 0.9)
     bias = rng.standard_normal(128).astype(np.float32)
+    w = sparse_weight(rng, (128, 64, 1, 1), 0.9)
     assert_close(sparse_conv2d_csr(x, CSRWeights.from_conv_weight(w), 1, 1, 64, bias=bias),
                  ref_conv(x, w, bias, (1, 1), (0, 0, 0, 0), (1, 1)))
+    wb = block_sparse_weight(rng, (128, 64, 1, 1), 0.9)
+    assert_close(sparse_conv2d_bsr(x, BSRWeights.from_conv_weight(wb), 1, 1, 64, bias=bias),
+                 ref_conv(x, wb, bias, (1, 1), (0, 0, 0, 0), (1, 1)))
 
 
 def test_all_zero_weight_gives_the_bias():
@@ -243,6 +298,8 @@ def test_conv_rejects_bad_input():
         sparse_conv2d_csr(x, nm_pack(np.zeros((4, 72), np.float32)), 3, 3, 8)
     with pytest.raises(ConfigError, match="needs NMWeights"):
         sparse_conv2d_nm(x, csr, 3, 3, 8)
+    with pytest.raises(ConfigError, match="needs BSRWeights"):
+        sparse_conv2d_bsr(x, csr, 3, 3, 8)
 
 
 def test_grouped_or_depthwise_weights_are_rejected():
@@ -254,3 +311,5 @@ def test_grouped_or_depthwise_weights_are_rejected():
     grouped = nm_pack(np.zeros((8, 36), np.float32))
     with pytest.raises(ConfigError, match=r"groups=2"):
         sparse_conv2d_nm(x, grouped, 3, 3, 8)
+    with pytest.raises(ConfigError, match=r"groups=4"):
+        sparse_conv2d_bsr(x, bsr_pack(np.ones((8, 18), np.float32)), 3, 3, 8)
