@@ -264,7 +264,7 @@ def test_bn_l1_penalty_is_the_slimming_term_and_drives_gammas_down():
     model = detector("yolo_tiny")
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     expected = 1e-3 * sum(float(b.weight.detach().abs().sum()) for b in bns)
-    assert abs(float(bn_l1_penalty(model, 1e-3)) - expected) < 1e-6
+    assert abs(float(bn_l1_penalty(model, 1e-3).detach()) - expected) < 1e-6
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = sum(float(b.weight.detach().abs().sum()) for b in bns)
     for _ in range(3):
