@@ -477,26 +477,50 @@ def _requant_lanes(v, m, left, right, mask, half):
     return (hi >> right) + (1 if (hi & mask) > half + (1 if hi < 0 else 0) else 0)
 
 
+@numba.njit(cache=True, inline="always")
+def _requant_right(v, m, right, mask, half):
+    """_requant_lanes for shift <= 0 (real scale < 0.5, the usual case): no left shift, and
+    the roundings written as shifts and masks (about half the time of the general form)."""
+    ab = v * m
+    neg = np.int64(ab < 0)
+    t = ab + (1 << 30) - (neg << 31) + neg  # nudge: 2**30, or 1 - 2**30 below zero
+    hi = (t + ((t >> 63) & ((1 << 31) - 1))) >> 31  # t / 2**31 truncated toward zero
+    return (hi >> right) + np.int64((hi & mask) > half + ((hi >> 63) & 1))
+
+
+@numba.njit(cache=True, inline="always")
+def _store_row(row, corr, z, xs, m, s, out_zp, qmin, qmax, requant, dst):
+    """dst[i] = row[i] + corr - z * xs[i] as int32, requantised with (m, s) when ``requant``;
+    the branches are per row, each inner loop is straight-line so LLVM vectorises it."""
+    n = dst.shape[0]
+    left, right = max(s, 0), max(-s, 0)
+    mask = (np.int64(1) << right) - 1
+    half = mask >> 1
+    if z != 0:
+        for i in range(n):
+            row[i] = np.int32(np.int64(row[i]) - z * xs[i])
+    if not requant:
+        for i in range(n):
+            dst[i] = np.int32(np.int64(row[i]) + corr)
+    elif left == 0:
+        for i in range(n):
+            v = np.int64(np.int32(np.int64(row[i]) + corr))
+            dst[i] = min(max(_requant_right(v, m, right, mask, half) + out_zp, qmin), qmax)
+    else:
+        for i in range(n):
+            v = np.int64(np.int32(np.int64(row[i]) + corr))
+            dst[i] = min(max(_requant_lanes(v, m, left, right, mask, half) + out_zp, qmin), qmax)
+
+
 @numba.njit(cache=True, parallel=True)
 def _epilogue(acc, ws, corr, wz, xsum, mult, shift, out_zp, qmin, qmax, requant, out):
-    """out[oc, oh, ow] = acc[oc, oh*ws + ow] + corr[oc] - wz[oc] * xsum[.] in int32, then optionally requantised."""
+    """out[oc, oh, ow] = acc[oc, oh*ws + ow] + corr[oc] - wz[oc] * xsum[.] in int32, then optionally
+    requantised. Overwrites acc's rows in place when wz[oc] != 0."""
     oc_n, oh_n, ow_n = out.shape
     for oc in numba.prange(oc_n):
-        c0, z, m, s = corr[oc], wz[oc], np.int64(mult[oc]), np.int64(shift[oc])
-        left, right = max(s, 0), max(-s, 0)
-        mask = (np.int64(1) << right) - 1
-        half = mask >> 1
         for oh in range(oh_n):
-            row, dst = acc[oc, oh * ws:oh * ws + ow_n], out[oc, oh]
-            xs = xsum[oh * ws:oh * ws + ow_n] if z != 0 else xsum[:0]
-            for ow in range(ow_n):
-                v = np.int64(row[ow]) + c0
-                if z != 0:
-                    v -= z * xs[ow]
-                v = np.int64(np.int32(v))  # int32 accumulator semantics
-                if requant:
-                    v = min(max(_requant_lanes(v, m, left, right, mask, half) + out_zp, qmin), qmax)
-                dst[ow] = v
+            _store_row(acc[oc, oh * ws:oh * ws + ow_n], corr[oc], wz[oc], xsum[oh * ws:oh * ws + ow_n],
+                       np.int64(mult[oc]), np.int64(shift[oc]), out_zp, qmin, qmax, requant, out[oc, oh])
 
 
 def _as_uint8(x: np.ndarray, x_zp: int) -> tuple[np.ndarray, int]:
@@ -611,17 +635,9 @@ def _depthwise_planes(x, nphase, plane, tap_phase, tap_off, w, x_zp, mult, ws, b
             zc = np.int32(x_zp) * wv
             for p in range(pixels):
                 row[p] += np.int32(src[p]) * wv - zc
-        m, s = np.int64(req_m[oc]), np.int64(req_s[oc])
-        left, right = max(s, 0), max(-s, 0)
-        mask = (np.int64(1) << right) - 1
-        half = mask >> 1
         for oh in range(oh_n):
-            src_row, dst = row[oh * ws:oh * ws + ow_n], out[oc, oh]
-            for ow in range(ow_n):
-                v = np.int64(src_row[ow])
-                if requant:
-                    v = min(max(_requant_lanes(v, m, left, right, mask, half) + out_zp, qmin), qmax)
-                dst[ow] = v
+            _store_row(row[oh * ws:oh * ws + ow_n], 0, 0, row[:0], np.int64(req_m[oc]), np.int64(req_s[oc]), out_zp,
+                       qmin, qmax, requant, out[oc, oh])
 
 
 def _conv_depthwise(x, w, geo, b32, x_zp, wzp, req, out) -> None:

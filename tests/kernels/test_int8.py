@@ -376,7 +376,7 @@ def test_conv_across_many_tiles_bit_exact(c, oc, groups, x_dt):
         ref = ref_conv(x, w, bias, x_zp, w_zp, stride, pads, dilation, groups)
         got = conv2d_int8(x, w, bias, x_zp, w_zp, stride=stride, padding=pads, dilation=dilation, groups=groups)
         np.testing.assert_array_equal(got, ref)
-        mult, shift = quantize_multiplier(np.linspace(1e-4, 3e-3, oc))
+        mult, shift = quantize_multiplier(np.geomspace(1e-4, 4.0, oc))  # right shifts and left shifts
         got8 = conv2d_int8(x, w, bias, x_zp, w_zp, stride=stride, padding=pads, dilation=dilation, groups=groups,
                            multiplier=mult, shift=shift, out_zp=-3, qmin=-3)
         want8 = ref_requantize(ref, mult.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1), -3, -3, 127)
