@@ -68,6 +68,29 @@ OP_SPECS: dict[str, OpSpec] = {
 }
 
 
+# Attribute -> (kind, length for lists): checked on load so an edited value fails there, not mid-run.
+_INT, _NUM, _INTS = "an integer", "a number", "a list of integers"
+ATTR_KINDS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "stride": (_INTS, (2,)), "dilation": (_INTS, (2,)), "kernel": (_INTS, (2,)), "pads": (_INTS, (4, 8)),
+    "shape": (_INTS, ()), "perm": (_INTS, ()), "starts": (_INTS, ()), "ends": (_INTS, ()), "axes": (_INTS, ()),
+    "steps": (_INTS, ()), "group": (_INT, ()), "in_channels": (_INT, ()), "x_zp": (_INT, ()), "y_zp": (_INT, ()),
+    "qmin": (_INT, ()), "qmax": (_INT, ()), "n": (_INT, ()), "m": (_INT, ()), "axis": (_INT, ()),
+    "scale_h": (_INT, ()), "scale_w": (_INT, ()), "ceil_mode": (_INT, ()), "x_scale": (_NUM, ()),
+    "y_scale": (_NUM, ()), "alpha": (_NUM, ()), "beta": (_NUM, ()), "value": (_NUM, ()),
+}
+
+
+def _attr_ok(value, kind: str, lengths: tuple[int, ...]) -> bool:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if kind == _INT:
+        return is_int(value)
+    if kind == _NUM:
+        return is_int(value) or isinstance(value, float)
+    return isinstance(value, list) and all(is_int(v) for v in value) and (not lengths or len(value) in lengths)
+
+
 @dataclass(frozen=True)
 class Op:
     """One lowered op; ``name`` is the ONNX node it came from (the profiler's layer name)."""
@@ -218,6 +241,12 @@ def _check_op(op: Op, spec: OpSpec, weights: Mapping[str, np.ndarray], where: st
     absent = [a for a in spec.attrs if a not in op.attrs]
     if absent:
         raise ArtifactError(f"{where}: op '{op.name}' ({op.type}) lacks attribute(s) {absent}")
+    for name in spec.attrs:
+        kind, lengths = ATTR_KINDS.get(name, (None, ()))
+        if kind is not None and not _attr_ok(op.attrs[name], kind, lengths):
+            size = f" of length {' or '.join(map(str, lengths))}" if lengths else ""
+            raise ArtifactError(f"{where}: op '{op.name}' ({op.type}) attribute {name}={op.attrs[name]!r} must be "
+                                f"{kind}{size}")
     for role, (dtype, ndim) in spec.weights.items():
         key = op.weights.get(role)
         if key is None or key not in weights:

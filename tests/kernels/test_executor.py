@@ -80,6 +80,8 @@ def _edit(folder, fn):
     (lambda d: d["ops"][0]["weights"].update(W="nope"), "op 'c1' .*needs weight 'W'"),
     (lambda d: d["ops"][0]["attrs"].pop("group"), r"op 'c1' \(conv\) lacks attribute\(s\) \['group'\]"),
     (lambda d: d["ops"].reverse(), "reads .* which no earlier op produces"),
+    (lambda d: d["ops"][0]["attrs"].update(stride=[1]), r"stride=\[1\] must be a list of integers of length 2"),
+    (lambda d: d["ops"][2]["attrs"].update(ceil_mode="yes"), "ceil_mode='yes' must be an integer"),
     (lambda d: d.update(format_version=99), "format_version 99"),
     (lambda d: d.pop("ops"), "missing key 'ops'"),
     (lambda d: d["shapes"].update(a=[1, 9, 6, 6]), "op 'c1' weight W has shape"),
