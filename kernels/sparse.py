@@ -315,10 +315,11 @@ def _store_tile(acc, off, tile, dst, keep, spill):
 
 
 @numba.njit(cache=True, parallel=True, fastmath={"contract"})
-def _csr_matmul(indptr, indices, values, cols, bias, p_n, out):
-    """out[n, o, :P] = bias[o] + sum_j values[j] * cols[n, indices[j], :P] over row o's nonzeros.
+def _csr_matmul(indptr, offsets, values, cols, bias, p_n, out):
+    """out[n, o, p] = bias[o] + sum_j values[j] * cols[n, offsets[j] + p] over row o's nonzeros
+    j, for p < P (``_taps`` turns a weight's K index into the offset of its operand row).
 
-    cols (N, K, >= P), out (N, O, P), P >= TILE. One parallel task per (n, pixel tile, block of
+    cols (N, L) the flattened operand, out (N, O, P), P >= TILE. One parallel task per (n, pixel tile, block of
     output channels), tiles outermost so a thread's consecutive tasks reuse the same column tile
     from L1/L2. The tile's accumulators live in registers (``_stack_f32``) across the nonzeros.
     """
@@ -334,7 +335,8 @@ def _csr_matmul(indptr, indices, values, cols, bias, p_n, out):
             for p in range(TILE):
                 acc[p] = bias[o]
             for j in range(indptr[o], indptr[o + 1]):
-                src = b[indices[j], p0:p0 + TILE]
+                q = offsets[j] + p0
+                src = b[q:q + TILE]
                 v = values[j]
                 for p in range(TILE):
                     acc[p] += v * src[p]
@@ -342,11 +344,11 @@ def _csr_matmul(indptr, indices, values, cols, bias, p_n, out):
 
 
 @numba.njit(cache=True, parallel=True, fastmath={"contract"})
-def _nm_matmul(values, positions, n_keep, m_group, cols, bias, p_n, out):
-    """The N:M product, as ``_csr_matmul``: kept entry i of row o sits at K index
-    (i // n) * m + positions[o, i], decoded on the fly from the uint8 positions."""
+def _nm_matmul(offsets, values, cols, bias, p_n, out):
+    """``_csr_matmul`` for a weight with the same number of kept entries in every row (N:M):
+    offsets and values are (O, kept), no indptr."""
     batch, o_n = out.shape[0], out.shape[1]
-    n_groups = values.shape[1] // n_keep
+    kept = values.shape[1]
     n_tiles = (p_n + TILE - 1) // TILE
     o_blocks = (o_n + O_BLOCK - 1) // O_BLOCK
     for task in numba.prange(batch * n_tiles * o_blocks):
@@ -357,20 +359,28 @@ def _nm_matmul(values, positions, n_keep, m_group, cols, bias, p_n, out):
         for o in range(o0, o1):
             for p in range(TILE):
                 acc[p] = bias[o]
-            for g in range(n_groups):
-                for i in range(g * n_keep, (g + 1) * n_keep):
-                    src = b[g * m_group + positions[o, i], p0:p0 + TILE]
-                    v = values[o, i]
-                    for p in range(TILE):
-                        acc[p] += v * src[p]
+            for i in range(kept):
+                q = offsets[o, i] + p0
+                src = b[q:q + TILE]
+                v = values[o, i]
+                for p in range(TILE):
+                    acc[p] += v * src[p]
             _store_tile(acc, 0, TILE, out[n, o, p0:p0 + TILE], keep, spill)
 
 
+@numba.njit(cache=True)
+def _nm_columns(positions, n_keep, m_group):
+    """K index of every kept N:M entry: (i // n) * m + positions[o, i]."""
+    k = np.empty(positions.shape, np.int32)
+    for o in range(positions.shape[0]):
+        for i in range(positions.shape[1]):
+            k[o, i] = (i // n_keep) * m_group + positions[o, i]
+    return k
 
 
 @numba.njit(cache=True, parallel=True, fastmath={"contract"})
-def _bsr_matmul(indptr, indices, values, cols, bias, p_n, out):
-    """out[n, 4r + v, :P] = bias + sum_j values[j, v] * cols[n, indices[j], :P] over block row r.
+def _bsr_matmul(indptr, offsets, values, cols, bias, p_n, out):
+    """out[n, 4r + v, p] = bias + sum_j values[j, v] * cols[n, offsets[j] + p] over block row r.
 
     As ``_csr_matmul`` with a block row (4 output channels) in place of a row; ``bias`` and
     ``out`` have the channels padded to whole block rows.
@@ -396,7 +406,8 @@ def _bsr_matmul(indptr, indices, values, cols, bias, p_n, out):
                 acc[2 * BSR_TILE + p] = b2
                 acc[3 * BSR_TILE + p] = b3
             for j in range(indptr[r], indptr[r + 1]):
-                src = b[indices[j], p0:p0 + BSR_TILE]
+                q = offsets[j] + p0
+                src = b[q:q + BSR_TILE]
                 v0 = values[j, 0]
                 v1 = values[j, 1]
                 v2 = values[j, 2]
@@ -434,6 +445,21 @@ def _im2col(xp, kh_n, kw_n, sh, sw, dh, dw, oh_n, ow_n, cols):
                             dst[ow] = src[ow * sw + j * dw]
 
 
+@numba.njit(cache=True)
+def _decode_taps(k, direct, kh_n, kw_n, dh, dw, pitch, row_len, offsets):
+    """Offset in the flattened operand of the row that weight column k multiplies. Direct: k =
+    (c, i, j) reads channel c shifted by i*dh*pitch + j*dw; otherwise row k (im2col or 1x1)."""
+    kf = k.ravel()
+    of = offsets.ravel()
+    for t in range(kf.shape[0]):
+        if direct:
+            c = kf[t] // (kh_n * kw_n)
+            r = kf[t] - c * kh_n * kw_n
+            of[t] = c * row_len + (r // kw_n) * dh * pitch + (r % kw_n) * dw
+        else:
+            of[t] = np.int64(kf[t]) * row_len
+
+
 # --------------------------------------------------------------------------- conv2d
 
 
@@ -468,34 +494,66 @@ def _column_stride(p: int) -> int:
     return 16 * (lines + 1 - lines % 2)
 
 
-def _columns(x, kh, kw, stride, padding, dilation):
-    """The (N, K, >= max(P, TILE)) GEMM operand of a conv and its output size (OH, OW).
+@dataclass(frozen=True)
+class _Operand:
+    """The dense operand of the product and how to read the output back.
 
-    A 1x1 stride-1 conv uses x itself. Otherwise (or when P < TILE) the columns are built here,
-    zero-filled past P so the product always runs whole register tiles.
+    ``cols`` (N, R, L): ``direct`` says R = C read at the tap's shift (``_decode_taps``), else
+    R = K read from 0 (im2col or a 1x1 conv's own input); the product writes ``p_n`` >= TILE pixels of which
+    the first ``oh * pitch`` hold the (OH, pitch) grid whose first OW columns are the output.
     """
+
+    cols: np.ndarray
+    direct: bool
+    kh: int
+    kw: int
+    dh: int
+    dw: int
+    pitch: int
+    oh: int
+    ow: int
+    p_n: int
+
+
+def _operand(x, kh, kw, stride, padding, dilation) -> _Operand:
+    """A 1x1 stride-1 conv reads x itself. Any other stride-1 conv reads the zero-padded input
+    flattened per channel ("direct"): output pixel q = oh * Wp + ow and tap (c, i, j) read
+    xp[c, q + i*dh*Wp + j*dw], contiguous in q, so no im2col copy (columns ow >= OW of the
+    padded-width grid are computed and dropped). Strided convs im2col into (N, K, P)."""
     n, c, h, wd = x.shape
     (sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow) = conv_geometry(h, wd, kh, kw, stride, padding, dilation)
-    p = oh * ow
-    if kh == kw == sh == sw == 1 and pt == pl == pb == pr == 0 and p >= TILE:
-        return x.reshape(n, c, p), (oh, ow)
-    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if pt or pl or pb or pr else x
-    cols = np.empty((n, c * kh * kw, _column_stride(max(p, TILE))), np.float32)
-    if p < TILE:
-        cols[:, :, p:] = 0
+    if kh == kw == sh == sw == 1 and pt == pl == pb == pr == 0 and h * wd >= TILE:
+        return _Operand(x.reshape(n, c, h * wd), False, 1, 1, 1, 1, wd, oh, ow, h * wd)
+    if sh == sw == 1:
+        hp, wp = h + pt + pb, wd + pl + pr
+        p_n = max(oh * wp, TILE)
+        length = (kh - 1) * dh * wp + (kw - 1) * dw + p_n  # the last tap's reach
+        flat = np.zeros((n, c, max(length, hp * wp)), np.float32)
+        flat[:, :, :hp * wp].reshape(n, c, hp, wp)[:, :, pt:pt + h, pl:pl + wd] = x
+        return _Operand(flat, True, kh, kw, dh, dw, wp, oh, ow, p_n)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    p_n = max(oh * ow, TILE)
+    cols = np.empty((n, c * kh * kw, _column_stride(p_n)), np.float32)
+    cols[:, :, oh * ow:] = 0
     _im2col(xp, kh, kw, sh, sw, dh, dw, oh, ow, cols)
-    return cols, (oh, ow)
+    return _Operand(cols, False, kh, kw, dh, dw, ow, oh, ow, p_n)
 
 
-def _run(kernel, args, cols, o: int, oh: int, ow: int, bias) -> np.ndarray:
-    """Run a product kernel into a fresh (N, O, OH, OW) output. The kernel's output has at least
-    TILE pixels and ``len(bias)`` channels (block-padded for BSR); the padding is cut off here."""
-    p = oh * ow
-    out = np.empty((cols.shape[0], len(bias), max(p, TILE)), np.float32)
-    kernel(*args, cols, bias, max(p, TILE), out)
-    if p < TILE or len(bias) != o:
-        out = np.ascontiguousarray(out[:, :o, :p])
-    return out.reshape(cols.shape[0], o, oh, ow)
+def _taps(op: _Operand, k: np.ndarray) -> np.ndarray:
+    """int64 offsets into the flattened operand rows of weight columns k (any shape)."""
+    offsets = np.empty(k.shape, np.int64)
+    _decode_taps(np.ascontiguousarray(k), op.direct, op.kh, op.kw, op.dh, op.dw, op.pitch, op.cols.shape[2], offsets)
+    return offsets
+
+
+def _run(kernel, args, op: _Operand, o: int, bias) -> np.ndarray:
+    """Run a product kernel into a fresh (N, O, OH, OW) output. The kernel writes ``len(bias)``
+    channels (block-padded for BSR) of ``op.p_n`` pixels; the padding is cut off here."""
+    n = op.cols.shape[0]
+    out = np.empty((n, len(bias), op.p_n), np.float32)
+    kernel(*args, op.cols.reshape(n, -1), bias, op.p_n, out)
+    grid = out[:, :o, :op.oh * op.pitch].reshape(n, o, op.oh, op.pitch)[:, :, :, :op.ow]
+    return grid if grid.flags.c_contiguous else np.ascontiguousarray(grid)
 
 
 def sparse_conv2d_csr(x, csr: CSRWeights, kh: int, kw: int, in_channels: int, stride=1, padding=0, dilation=1,
@@ -509,8 +567,8 @@ def sparse_conv2d_csr(x, csr: CSRWeights, kh: int, kw: int, in_channels: int, st
         raise ConfigError(f"sparse_conv2d_csr needs CSRWeights from csr_pack, got {type(csr).__name__}")
     o, k = csr.shape
     x, b = _check_conv_args(x, k, o, kh, kw, in_channels, bias, "sparse_conv2d_csr")
-    cols, (oh, ow) = _columns(x, kh, kw, stride, padding, dilation)
-    return _run(_csr_matmul, (csr.indptr, csr.indices, csr.values), cols, o, oh, ow, b)
+    op = _operand(x, kh, kw, stride, padding, dilation)
+    return _run(_csr_matmul, (csr.indptr, _taps(op, csr.indices), csr.values), op, o, b)
 
 
 def sparse_conv2d_nm(x, nmw: NMWeights, kh: int, kw: int, in_channels: int, stride=1, padding=0, dilation=1,
@@ -520,8 +578,8 @@ def sparse_conv2d_nm(x, nmw: NMWeights, kh: int, kw: int, in_channels: int, stri
         raise ConfigError(f"sparse_conv2d_nm needs NMWeights from nm_pack, got {type(nmw).__name__}")
     o, k = nmw.shape
     x, b = _check_conv_args(x, k, o, kh, kw, in_channels, bias, "sparse_conv2d_nm")
-    cols, (oh, ow) = _columns(x, kh, kw, stride, padding, dilation)
-    return _run(_nm_matmul, (nmw.values, nmw.indices, nmw.n, nmw.m), cols, o, oh, ow, b)
+    op = _operand(x, kh, kw, stride, padding, dilation)
+    return _run(_nm_matmul, (_taps(op, _nm_columns(nmw.indices, nmw.n, nmw.m)), nmw.values), op, o, b)
 
 
 def sparse_conv2d_bsr(x, bsr: BSRWeights, kh: int, kw: int, in_channels: int, stride=1, padding=0, dilation=1,
@@ -531,7 +589,7 @@ def sparse_conv2d_bsr(x, bsr: BSRWeights, kh: int, kw: int, in_channels: int, st
         raise ConfigError(f"sparse_conv2d_bsr needs BSRWeights from bsr_pack, got {type(bsr).__name__}")
     o, k = bsr.shape
     x, b = _check_conv_args(x, k, o, kh, kw, in_channels, bias, "sparse_conv2d_bsr")
-    cols, (oh, ow) = _columns(x, kh, kw, stride, padding, dilation)
+    op = _operand(x, kh, kw, stride, padding, dilation)
     b_padded = np.zeros((len(bsr.indptr) - 1) * BSR_ROWS, np.float32)
     b_padded[:o] = b
-    return _run(_bsr_matmul, (bsr.indptr, bsr.indices, bsr.values), cols, o, oh, ow, b_padded)
+    return _run(_bsr_matmul, (bsr.indptr, _taps(op, bsr.indices), bsr.values), op, o, b_padded)
