@@ -313,3 +313,40 @@ def test_grouped_or_depthwise_weights_are_rejected():
         sparse_conv2d_nm(x, grouped, 3, 3, 8)
     with pytest.raises(ConfigError, match=r"groups=4"):
         sparse_conv2d_bsr(x, bsr_pack(np.ones((8, 18), np.float32)), 3, 3, 8)
+
+
+# --------------------------------------------------------------------------- ONNX Runtime
+
+
+def _ort_conv(x, w, bias, stride, pads, dilation):
+    """ONNX Runtime's dense fp32 Conv of the same weight: a second, independent reference."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], strides=list(stride), pads=list(pads),
+                            dilations=list(dilation), kernel_shape=list(w.shape[2:]))
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("k, stride, pads, dilation", [
+    (1, (1, 1), (0, 0, 0, 0), (1, 1)),
+    (3, (1, 1), (1, 1, 1, 1), (1, 1)),
+    (3, (2, 2), (1, 0, 2, 1), (1, 1)),
+    (3, (1, 1), (2, 2, 2, 2), (2, 2)),
+])
+def test_formats_match_onnxruntime_conv(k, stride, pads, dilation):
+    """The ONNX Conv semantics of stride, (top, left, bottom, right) pads and dilation, per format."""
+    rng = np.random.default_rng(k * 10 + stride[0] + dilation[0])
+    x = rng.standard_normal((2, 16, 23, 19)).astype(np.float32)
+    bias = rng.standard_normal(24).astype(np.float32)
+    shape = (24, 16, k, k)
+    for weight, pack, conv in [(sparse_weight(rng, shape, 0.9), CSRWeights.from_conv_weight, sparse_conv2d_csr),
+                               (block_sparse_weight(rng, shape, 0.9), BSRWeights.from_conv_weight, sparse_conv2d_bsr),
+                               (two_four_weight(rng, shape), NMWeights.from_conv_weight, sparse_conv2d_nm)]:
+        got = conv(x, pack(weight), k, k, 16, stride=stride, padding=pads, dilation=dilation, bias=bias)
+        assert_close(got, _ort_conv(x, weight, bias, stride, pads, dilation).astype(np.float64))
