@@ -26,11 +26,11 @@ def _conv(x, p, a):
 
 
 def _conv_int8(x, p, a):
-    q = ops.quantize(x, a["x_scale"], a["x_zp"], np.uint8)
+    q = x if p.get("uint8_in") else ops.quantize(x, a["x_scale"], a["x_zp"], np.uint8)
     y = int8.conv2d_int8(q, p["W_run"], p["B"], x_zp=a["x_zp"], w_zp=0, stride=a["stride"], padding=a["pads"],
                          dilation=a["dilation"], groups=a["group"], multiplier=p["multiplier"], shift=p["shift"],
                          out_zp=a["y_zp"], qmin=a["qmin"], qmax=a["qmax"], out_dtype=np.uint8)
-    return ops.dequantize(y, a["y_scale"], a["y_zp"])
+    return y if p.get("uint8_out") else ops.dequantize(y, a["y_scale"], a["y_zp"])
 
 
 def _conv_binary(x, p, a):
@@ -86,16 +86,40 @@ def _prepare(op: Op, weights: dict[str, np.ndarray]) -> dict[str, Any]:
     return p
 
 
+def _chain_int8(steps: list[tuple[Op, dict]], outputs: set[str]) -> None:
+    """Let an int8 conv hand its uint8 output straight to the int8 convs that alone read it.
+
+    They quantize that tensor with the same (scale, zero point), taken from the same calibrated
+    range, so ``quantize(dequantize(q)) == q`` and the round trip is skipped without changing a
+    bit (``|q - zp| <= 255``: the float32 product and quotient land within far less than half a
+    step of the integer)."""
+    readers: dict[str, list[tuple[Op, dict]]] = {}
+    for op, p in steps:
+        for t in op.inputs:
+            readers.setdefault(t, []).append((op, p))
+    for op, p in steps:
+        if op.type != "conv_int8" or op.outputs[0] in outputs:
+            continue
+        rs = readers.get(op.outputs[0], [])
+        if rs and all(r.type == "conv_int8" and (r.attrs["x_scale"], r.attrs["x_zp"]) ==
+                      (op.attrs["y_scale"], op.attrs["y_zp"]) for r, _ in rs):
+            p["uint8_out"] = True
+            for _, rp in rs:
+                rp["uint8_in"] = True
+
+
 class Executor:
     """``Executor(graph).run(x)``: the graph's output for one float32 NCHW input of its declared shape."""
 
-    def __init__(self, graph: LoweredGraph):
+    def __init__(self, graph: LoweredGraph, chain_int8: bool = True):
         self.graph = graph
         if len(graph.inputs) != 1 or len(graph.outputs) != 1:
             raise ConfigError(f"the executor runs graphs with one input and one output, this one has inputs "
                               f"{list(graph.inputs)} and outputs {list(graph.outputs)}")
         (self.input_name, self.input_shape), = graph.inputs.items()
         self._steps = [(op, _prepare(op, graph.weights)) for op in graph.ops]
+        if chain_int8:
+            _chain_int8(self._steps, set(graph.outputs))
         last_use: dict[str, int] = {}
         for i, op in enumerate(graph.ops):
             for t in op.inputs:
