@@ -1,37 +1,47 @@
-"""Sparse fp32 conv2d: unstructured CSR weights and the N:M (2:4) compressed format.
+"""Sparse fp32 conv2d: unstructured CSR, 4x1 block-sparse (BSR) and N:M (2:4) weights.
 
 A conv is a GEMM ``out (O, P) = W (O, K) @ cols (K, P)`` with ``K = C * KH * KW`` (C outermost,
 i.e. ``w.reshape(O, -1)``) and ``P = OH * OW``. With sparse W and dense activations each output
-channel is ``sum_j value_j * cols[k_j, :]`` over that row's nonzeros: a sequence of contiguous
-AXPYs along P that LLVM vectorises (the sparse-weight x dense-activation product of
-"Fast Sparse ConvNets", Elsen et al., CVPR 2020, arXiv:1911.09723, which XNNPACK ships for 1x1
-convs). A 1x1 stride-1 conv reads the NCHW activation directly (it *is* ``cols``); a KxK or
-strided conv im2col's the input first and runs the same product.
+channel is ``sum_j value_j * cols[k_j, :]`` over that row's nonzeros: contiguous AXPYs along P
+(the sparse-weight x dense-activation product of "Fast Sparse ConvNets", Elsen et al., CVPR
+2020, arXiv:1911.09723, which XNNPACK ships for 1x1 convs).
 
-The product walks P in tiles of ``tile`` pixels so that the output tile stays in L1 while the
-nonzeros of a row stream past it, and the activation tile (K x tile) stays in L1/L2 across all
-output channels. Four nonzeros are applied per pass over the tile (one load/store of the
-accumulator per four FMAs instead of per one).
+Operand: a 1x1 stride-1 conv reads the NCHW activation itself (it *is* ``cols``). Any other
+stride-1 conv reads the zero-padded input flattened per channel: on the padded-width output
+grid, tap (c, i, j) of every output pixel q is ``xp[c, q + i*dh*Wp + j*dw]``, so a nonzero is
+one row offset and no im2col copy is made (the Wp - OW extra columns are computed and dropped).
+Strided convs im2col first. Each nonzero becomes one offset into the flattened operand.
+
+Product: P is walked in register tiles (``TILE`` = 64 pixels = 8 AVX2 vectors). The tile's
+accumulators live on the stack (``_stack_f32``) with constant indices only, so LLVM keeps them
+in registers for the whole nonzero loop: per nonzero one broadcast and 8 FMAs with memory
+operands, nothing stored until the row is done. Tasks are (pixel tile, block of 16 output
+channels), tiles outermost, so the column tile stays in cache across the output channels.
+
+BSR (4x1 blocks: 4 consecutive output channels share a K column) is the "blocked" variant:
+one column load feeds 4 FMAs and the per-row overhead is shared by 4 channels, ~1.4-1.6x faster
+per stored weight than CSR on this CPU; it pays only for weights pruned in such blocks (an
+unstructured mask fills most blocks partly, and ``BSRWeights.density`` says how many entries
+are stored). CSR is the format for unstructured masks.
 
 N:M sparsity (Mishra et al., "Accelerating Sparse Deep Neural Networks", arXiv:2104.08378,
 NVIDIA's 2:4) keeps at most N nonzeros in every group of M consecutive K entries; the
 compressed format stores the N kept values per group plus their positions inside the group
-(uint8 here, 2 bits in hardware). The fixed count per row balances the threads and needs no
-indptr; the product is the same AXPY sequence with ``k = group * M + position``.
+(uint8 here, 2 bits in hardware). The fixed count per row needs no indptr; the product is the
+CSR one. On a CPU 2:4 is only 50% sparse, so it is slower than a dense GEMM (measured ~0.5x of
+ONNX Runtime); it is here to run 2:4-pruned layers exactly, not for speed.
 
 Only ``groups == 1``: depthwise and grouped convs have K = KH * KW (* C/groups) per output
 channel, too short to profit from skipping zeros, so they are rejected with a clear error.
 
 A leaf module: NumPy and numba only. Compiled kernels are cached on disk (``cache=True``).
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numba
 import numpy as np
-
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -40,8 +50,9 @@ from edge_compress.errors import ConfigError
 from edge_compress.kernels.int8 import conv_geometry
 
 # Output pixels per register tile of the CSR / N:M product: 8 AVX2 registers of accumulators
-# (LLVM's numba target uses 256-bit vectors on x86 even with AVX-512), leaving registers for the
-# broadcast weight and the addresses.
+# (LLVM prefers 256-bit vectors on Intel CPUs even with AVX-512, and numba does not let a
+# function ask for 512), leaving registers for the broadcast weight and the addresses. 32-pixel
+# tiles get fully unrolled into scalar code before vectorisation; 128 was no faster.
 TILE = 64
 # Block-sparse product: BSR_ROWS output channels share each nonzero column, so one load of a
 # column tile feeds BSR_ROWS FMAs; 4 channels x 32 pixels = 16 AVX2 accumulators.
@@ -488,8 +499,8 @@ def _check_conv_args(x, k_weight: int, o: int, kh: int, kw: int, in_channels: in
 
 def _column_stride(p: int) -> int:
     """Row length of the im2col buffer: P rounded up to whole 64-byte lines, an odd number of them,
-    so the K rows of a pixel tile fall in distinct L1 sets (a stride of a multiple of 4 KiB, e.g.
-    80x80 pixels, maps them onto a few sets and the tile thrashes)."""
+    so the K rows of a pixel tile spread over the L1 sets (a row stride that is a multiple of
+    1 KiB, e.g. 80x80 pixels, maps them onto a quarter of the sets)."""
     lines = -(-p // 16)
     return 16 * (lines + 1 - lines % 2)
 
@@ -499,8 +510,8 @@ class _Operand:
     """The dense operand of the product and how to read the output back.
 
     ``cols`` (N, R, L): ``direct`` says R = C read at the tap's shift (``_decode_taps``), else
-    R = K read from 0 (im2col or a 1x1 conv's own input); the product writes ``p_n`` >= TILE pixels of which
-    the first ``oh * pitch`` hold the (OH, pitch) grid whose first OW columns are the output.
+    R = K read from 0 (im2col or a 1x1 conv's own input). The product writes ``p_n`` >= TILE
+    pixels; the first ``oh * pitch`` are the (OH, pitch) grid whose first OW columns are the output.
     """
 
     cols: np.ndarray
