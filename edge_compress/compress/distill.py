@@ -5,7 +5,7 @@
 ``loss(model, x, raw, targets) -> (tensor, parts)`` whose ``parameters()`` are the
 adaptation convs of feature imitation (the trainer optimises them with the student).
 The teacher runs in eval mode under ``no_grad`` and is not a submodule, so none of its
-weights is trained or saved with the loss.
+weights is trained or saved with the loss (and its ``requires_grad`` flags are not touched).
 
 Terms, all computed on the raw ``(N, P, K)`` head outputs (layouts in
 ``edge_compress.models.postprocess``), so student and teacher must share the head type,
@@ -14,10 +14,9 @@ classes and priors (the same family at the same input size, e.g. picodet_s -> pi
 * class scores (Hinton et al. 2015, with temperature ``T``; for detectors Chen et al.,
   NeurIPS 2017): sigmoid heads (``gfl`` class logits, ``yolo`` objectness + class logits)
   get the Bernoulli KL ``KL(sigmoid(t/T) || sigmoid(s/T))`` per channel, the ``ssd``
-  softmax head the categorical KL over background + classes; summed over channels and
-  priors, times ``T^2``, over the teacher's foreground mass (as the detectors normalise
-  their own classification losses by the number of positives). Zero exactly when the
-  outputs agree.
+  softmax head the categorical KL over background + classes; summed over channels, times
+  ``T^2``, averaged over priors weighted by the larger foreground confidence of the two
+  models (where either sees an object). Zero exactly when the outputs agree.
 * localisation: for ``gfl`` heads, Localization Distillation (Zheng et al., CVPR 2022):
   ``KL(softmax(t/T) || softmax(s/T))`` between the per-side distance distributions,
   averaged over the four sides and weighted per prior by the teacher's top class
@@ -137,17 +136,19 @@ def teacher_foreground(head: str, t: torch.Tensor, num_classes: int) -> torch.Te
 
 
 def class_distill(head: str, s: torch.Tensor, t: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
-    """Class-score KL summed over channels and priors, times ``T^2``, divided by the teacher's
-    foreground mass (at least 1): the normalisation of the detectors' own QFL/focal/CE terms (a
-    sum over priors over the number of positives), so the term keeps its weight on images where
-    a few objects sit among thousands of background priors."""
+    """Class-score KL per prior (summed over channels), times ``T^2``, averaged over priors with
+    weight ``max(teacher, student)`` foreground confidence (student side detached): the priors where
+    either model sees an object, so misses and false positives both count while the thousands of
+    background priors both agree on do not drown the term (a plain mean over priors made it ~10x
+    smaller than the detector loss, a sum over the teacher's foreground ~10x larger)."""
     if head == "gfl":
         kl = bernoulli_kl(s[..., :num_classes], t[..., :num_classes], temperature).sum(-1)
     elif head == "yolo":
         kl = bernoulli_kl(s[..., 4:], t[..., 4:], temperature).sum(-1)
     else:   # ssd: background + classes under one softmax
         kl = categorical_kl(s[..., 4:], t[..., 4:], temperature)
-    return kl.sum() * temperature ** 2 / teacher_foreground(head, t, num_classes).sum().clamp_min(1.0)
+    weight = torch.maximum(teacher_foreground(head, t, num_classes), teacher_foreground(head, s.detach(), num_classes))
+    return _weighted_mean(kl, weight) * temperature ** 2
 
 
 def box_distill(head: str, s: torch.Tensor, t: torch.Tensor, num_classes: int, reg_max: int,
@@ -192,9 +193,9 @@ class DistillationLoss(nn.Module):
         super().__init__()
         _check_pair(student, teacher, config)
         self.config = config
-        self._student, self._teacher = [student], [teacher.eval()]    # lists: not registered as submodules
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+        # Lists: not registered as submodules (neither trained nor saved with the loss). The teacher
+        # runs under no_grad; its requires_grad flags are left as the caller set them.
+        self._student, self._teacher = [student], [teacher.eval()]
         self._captures: list[tuple[_Capture, _Capture]] = []
         self.adapters = nn.ModuleList()
         for s_name, t_name in config.feature_pairs:

@@ -43,16 +43,17 @@ def test_kl_terms_match_torch_kl_div():
 
 
 def test_gfl_terms_by_hand():
-    """One image, two priors, two classes, reg_max 1: class KL over the teacher's foreground mass
-    (clamped to 1), LD weighted by the teacher's top score; float64 references written out."""
+    """One image, two priors, two classes, reg_max 1: class KL weighted by the larger top score of
+    the two models, LD weighted by the teacher's top score; float64 references written out."""
     t = torch.tensor([[[2.0, -1.0, 0.5, 0.0, 0.1, 0.2, 0.3, 0.4, 0.0, 1.0],
                        [-3.0, 1.0, 0.0, 0.5, 0.4, 0.3, 0.2, 0.1, 1.0, 0.0]]], dtype=torch.float64)
     s = t + torch.linspace(-0.5, 0.5, 10, dtype=torch.float64)
     T = 2.0
     p, q = torch.sigmoid(t[..., :2] / T), torch.sigmoid(s[..., :2] / T)
-    kl = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum()
+    kl = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum(-1)
     fg = torch.sigmoid(t[..., :2]).amax(-1)
-    assert class_distill("gfl", s, t, 2, T).item() == pytest.approx((kl * T * T / fg.sum().clamp_min(1)).item())
+    w = torch.maximum(fg, torch.sigmoid(s[..., :2]).amax(-1))
+    assert class_distill("gfl", s, t, 2, T).item() == pytest.approx(((kl * w).sum() / w.sum() * T * T).item())
     pt, ps = (t[..., 2:] / T).view(1, 2, 4, 2).softmax(-1), (s[..., 2:] / T).view(1, 2, 4, 2).softmax(-1)
     ld = (pt * (pt / ps).log()).sum(-1).mean(-1)
     assert box_distill("gfl", s, t, 2, 1, T).item() == pytest.approx(((ld * fg).sum() / fg.sum() * T * T).item())
@@ -95,6 +96,7 @@ def test_gradients_reach_student_and_adapter_only():
     assert student.backbone.stem.conv.weight.grad.abs().sum() > 0      # through the feature term too
     assert all(p.grad is None for p in teacher.parameters())
     assert not teacher.training
+    assert all(p.requires_grad for p in teacher.parameters())    # the caller's flags are left alone
 
 
 def test_a_few_steps_reduce_the_distillation_loss():
