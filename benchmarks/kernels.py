@@ -121,18 +121,6 @@ def _square_chain(n, x):
     return x
 
 
-def calibrated_clock_hz(n: int = 20_000_000) -> float:
-    """Core clock from a dependent IMUL chain: 3 cycles per multiply (the r64 IMUL latency on
-    every Intel core since Nehalem and AMD since Zen), so clock = 3 n / seconds. Best of 5."""
-    _square_chain(10, np.uint64(3))
-    best = math.inf
-    for _ in range(5):
-        t = time.perf_counter()
-        _square_chain(n, np.uint64(3))
-        best = min(best, time.perf_counter() - t)
-    return 3 * n / best
-
-
 _CHAINS = 12  # independent popcount chains: > latency (3 cycles) x throughput (<= 2 per cycle)
 
 
@@ -160,19 +148,6 @@ def _ctpop_chains(typingctx, n, seed):
 @numba.njit(cache=True)
 def _popcount_rounds(n, seed):
     return _ctpop_chains(n, seed)
-
-
-def measured_popcount_bits_per_s(n: int = 2_000_000) -> float:
-    """The popcount limit of one core, measured: 512-bit popcounts per second of a register-only
-    loop of independent ``llvm.ctpop.v8i64`` (VPOPCNTQ zmm where available) x 512. Best of 9
-    (the VM shares its cores, so the fastest run is the least disturbed one)."""
-    _popcount_rounds(10, 1)
-    best = math.inf
-    for _ in range(9):
-        t = time.perf_counter()
-        _popcount_rounds(n, 1)
-        best = min(best, time.perf_counter() - t)
-    return _CHAINS * n * 512 / best
 
 
 def popcount_limit(flags: list[str]) -> tuple[int, str]:
@@ -230,12 +205,29 @@ def timed_alternating(fns: dict[str, Callable[[], object]], warmup: int, blocks:
     return samples
 
 
+_POPCNT_ROUNDS, _IMUL_CHAIN = 20_000, 100_000  # ~0.1 ms each
+
+
+def machine_probes() -> dict[str, Callable[[], object]]:
+    """The popcount-limit and clock probes, timed in the same alternating blocks as a binary row
+    so that all three see the same state of this shared machine."""
+    _popcount_rounds(10, 1)
+    _square_chain(10, np.uint64(3))
+    return {"popcnt": lambda: _popcount_rounds(_POPCNT_ROUNDS, 1),
+            "imul": lambda: _square_chain(_IMUL_CHAIN, np.uint64(3))}
+
+
 def measure(kind: str, sh: Shape, ours: Callable, theirs: Callable, threads: int, reps: tuple) -> dict:
-    s = timed_alternating({"ours": ours, "ort": theirs}, *reps)
+    probes = machine_probes() if kind == "binary" and threads == 1 else {}
+    s = timed_alternating({"ours": ours, "ort": theirs, **probes}, *reps)
     med = {k: statistics.median(v) for k, v in s.items()}
-    return {"kind": kind, "shape": sh.name, "threads": threads, "ours_ms": round(1e3 * med["ours"], 4),
-            "ort_ms": round(1e3 * med["ort"], 4), "ratio": round(med["ort"] / med["ours"], 3),
-            "gmacs": round(sh.macs / med["ours"] / 1e9, 1), "macs": sh.macs}
+    row = {"kind": kind, "shape": sh.name, "threads": threads, "ours_ms": round(1e3 * med["ours"], 4),
+           "ort_ms": round(1e3 * med["ort"], 4), "ratio": round(med["ort"] / med["ours"], 3),
+           "gmacs": round(sh.macs / med["ours"] / 1e9, 1), "macs": sh.macs}
+    if probes:
+        row["popcount_limit_bits_per_s"] = _CHAINS * _POPCNT_ROUNDS * 512 / med["popcnt"]
+        row["clock_hz"] = 3 * _IMUL_CHAIN / med["imul"]
+    return row
 
 
 # --------------------------------------------------------------------------- contenders
@@ -310,22 +302,21 @@ def end_to_end_rows(args, threads: int) -> list[dict]:
 # --------------------------------------------------------------------------- report
 
 
-def binary_fraction(rows: list[dict], cpu: dict, quick: bool) -> dict | None:
-    """Best 1-thread binary MACs/s over the popcount limit: measured (register-only VPOPCNTQ loop,
-    the headline ``value``) and by the book (bits/cycle x calibrated or nominal clock)."""
+def binary_fraction(rows: list[dict], cpu: dict) -> dict | None:
+    """Best 1-thread binary MACs/s over the popcount limit measured in the same blocks (the
+    headline ``value``), and over the by-the-book limit (bits/cycle x calibrated or nominal clock)."""
     best = max((r for r in rows if r["kind"] == "binary" and r["threads"] == 1 and "ratio" in r),
                key=lambda r: r["gmacs"], default=None)
     if best is None:
         return None
-    macs = best["gmacs"] * 1e9
-    limit = measured_popcount_bits_per_s(500_000 if quick else 2_000_000)
-    clock = calibrated_clock_hz(5_000_000 if quick else 20_000_000)
+    macs, limit, clock = best["gmacs"] * 1e9, best["popcount_limit_bits_per_s"], best["clock_hz"]
     bits, why = popcount_limit(cpu["flags"])
     return {"value": round(macs / limit, 3), "shape": best["shape"], "binary_macs_per_s": macs,
-            "measured_limit_bits_per_s": limit, "measured_limit_bits_per_cycle": round(limit / clock, 1),
-            "limit_method": f"{_CHAINS} independent llvm.ctpop.v8i64 chains in registers, 512 bits per op, best of 9",
+            "measured_limit_bits_per_s": round(limit), "measured_limit_bits_per_cycle": round(limit / clock, 1),
+            "limit_method": f"{_CHAINS} independent llvm.ctpop.v8i64 chains in registers (VPOPCNTQ zmm), 512 bits "
+                            "per op, median timed in the same alternating blocks as the kernel",
             "book_limit_bits_per_cycle": bits, "book_limit": why, "clock_hz": round(clock),
-            "clock_method": "dependent 64-bit IMUL chain, 3 cycles each (best of 5)",
+            "clock_method": "dependent 64-bit IMUL chain, 3 cycles each, same blocks",
             "value_book_calibrated_clock": round(macs / (bits * clock), 3),
             "value_book_nominal_clock": round(macs / (bits * cpu["mhz"] * 1e6), 3) if cpu["mhz"] else None,
             "note": "1 thread; the kernel issues XOR + VPOPCNTQ + VPADDQ per 512 bits, 3 vector uops on the "
@@ -391,11 +382,14 @@ def main(argv=None) -> int:
         rows += run_rows(shapes, args.kinds, threads, reps, rng)
         rows += end_to_end_rows(args, threads)
     numba.set_num_threads(1)
-    frac = binary_fraction(rows, cpu, args.quick)
+    frac = binary_fraction(rows, cpu)
     label = " (QUICK)" if args.quick else ""
     print_table(rows, f"kernels benchmark{label}: {cpu['model']}, flags {' '.join(cpu['flags'])}; "
                       f"warm-up {reps[0]}, {reps[1]} alternating blocks of {reps[2]} calls, medians")
     print("end-to-end detector rows: not measured yet (benchmarks/kernels.py end_to_end_rows)")
+    if 2 in args.threads:
+        print("2-thread rows: on a 2-vCPU machine shared with other jobs a parallel region waits for whichever "
+              "worker is descheduled, so those medians measure the machine's load as much as the kernels")
     if frac:
         print(f"binary MACs: {frac['binary_macs_per_s'] / 1e9:.0f} G/s at 1 thread ({frac['shape']}) = "
               f"{frac['value']:.2f} of the measured popcount limit ({frac['measured_limit_bits_per_s'] / 1e9:.0f} "

@@ -283,6 +283,23 @@ def _vnni_gemm(x, offs, wt, out):
             _vnni_tile(x, offs, wt, out, pb * _PB, ob * _OB, 0)
 
 
+def _vpdpbusd_unsigned_weights(builder, acc, xv, wb):
+    """VPDPBUSD with the roles swapped: the broadcast word holds the unsigned bytes (GEMM's a)."""
+    return _vpdpbusd(builder, acc, wb, xv)
+
+
+_vnni_tile_t = tile_intrinsic(_LANES, 32, _OB, _PV, _vpdpbusd_unsigned_weights, lambda builder, acc, extra: acc)
+
+
+@numba.njit(cache=True, parallel=True)
+def _vnni_gemm_t(b, offs, a, out):
+    """out (Mp, Np) = a (Mp, K/4 u8 quads) @ b (K/4 rows of Np s8 quads at offs); parallel over column blocks."""
+    n_ob = a.shape[0] // _OB
+    for pb in numba.prange(out.shape[1] // _PB):
+        for ob in range(n_ob):
+            _vnni_tile_t(b, offs, a, out, pb * _PB, ob * _OB, 0)
+
+
 @numba.njit(cache=True)
 def _fill_planes(xw, fill, pt, pl, sh, sw, hs, ws, out):
     """Padded pixel (a + sh*r, b + sw*q) of word plane i of xw (words, H, W) -> out[((i*sh + a)*sw + b)*hs*ws + r*ws + q]."""
@@ -407,6 +424,8 @@ def gemm_s8s8_s32(a, b, a_zp: int = 0, b_zp=0) -> np.ndarray:
     bzp = _per_channel(b_zp, b.shape[1], "b_zp", np.int32)
     _check_zero_point("a_zp", a_zp, a.dtype)
     _check_zero_point("b_zp", bzp, b.dtype)
+    if USE_VNNI:
+        return _gemm_vnni(a, b, int(a_zp), bzp)
     # Zero points are folded in once (O(MK + KN)); the differences lie in [-255, 255], so the
     # inner loop is a contiguous int16 dot with int32 sums.
     a16 = a.astype(np.int16) - np.int16(a_zp)
@@ -414,6 +433,24 @@ def gemm_s8s8_s32(a, b, a_zp: int = 0, b_zp=0) -> np.ndarray:
     out = np.empty((a.shape[0], b.shape[1]), dtype=np.int32)
     _gemm_i32(a16, bt16, out)
     return out
+
+
+def _gemm_vnni(a, b, a_zp: int, bzp) -> np.ndarray:
+    """VPDPBUSD GEMM on u8 a (zero point moved with the sign flip) and s8 b, zero points folded in after:
+    sum (a - za)(b - zb) = sum ab - za sum_k b - zb sum_k a + K za zb."""
+    au, za = _as_uint8(a, a_zp)
+    (m, k), n = a.shape, b.shape[1]
+    kp, mp, n_pad = -(-k // 4) * 4, -(-m // _OB) * _OB, -(-n // _PB) * _PB
+    ap = np.zeros((mp, kp), np.uint8)
+    ap[:m, :k] = au
+    bp = np.zeros((kp, n_pad), np.int8)
+    bp[:k, :n] = b
+    bq = np.ascontiguousarray(bp.reshape(kp // 4, 4, n_pad).transpose(0, 2, 1)).view(np.int32).ravel()
+    out = np.empty((mp, n_pad), np.int32)
+    _vnni_gemm_t(bq, np.arange(kp // 4, dtype=np.int64) * n_pad, ap.view(np.int32), out)
+    zb = bzp.astype(np.int64)
+    corr = (k * za * zb - za * b.sum(axis=0, dtype=np.int64))[None, :] - zb[None, :] * au.sum(axis=1, dtype=np.int64)[:, None]
+    return (out[:m, :n] + corr).astype(np.int32)
 
 
 # --------------------------------------------------------------------------- conv2d

@@ -411,3 +411,23 @@ def test_packed_weights_reused_and_checked():
         conv2d_int8(x, packed, groups=1)
     with pytest.raises(ConfigError, match="divisible by groups"):
         pack_conv_weights(w, groups=2)
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_gemm_across_many_tiles_bit_exact(vnni):
+    """A (M, K) x (K, N) larger than a tile in every direction, K not a multiple of 4, signed a."""
+    from edge_compress.kernels import int8
+
+    if vnni and not int8.USE_VNNI:
+        pytest.skip("this CPU has no AVX-512 VNNI: the portable kernel is the one that runs")
+    rng = np.random.default_rng(8)
+    a = rng.integers(-128, 128, (70, 301)).astype(np.int8)
+    b = rng.integers(-128, 128, (301, 53)).astype(np.int8)
+    b_zp = rng.integers(-128, 128, 53)
+    before = int8.USE_VNNI
+    int8.USE_VNNI = vnni
+    try:
+        got = gemm_s8s8_s32(a, b, -7, b_zp)
+    finally:
+        int8.USE_VNNI = before
+    np.testing.assert_array_equal(got, (a.astype(np.int64) + 7) @ (b.astype(np.int64) - b_zp))
