@@ -441,16 +441,22 @@ def _gemm_vnni(a, b, a_zp: int, bzp) -> np.ndarray:
     au, za = _as_uint8(a, a_zp)
     (m, k), n = a.shape, b.shape[1]
     kp, mp, n_pad = -(-k // 4) * 4, -(-m // _OB) * _OB, -(-n // _PB) * _PB
-    ap = np.zeros((mp, kp), np.uint8)
-    ap[:m, :k] = au
+    if (mp, kp) == (m, k):
+        ap = np.ascontiguousarray(au)
+    else:
+        ap = np.zeros((mp, kp), np.uint8)
+        ap[:m, :k] = au
     bp = np.zeros((kp, n_pad), np.int8)
     bp[:k, :n] = b
     bq = np.ascontiguousarray(bp.reshape(kp // 4, 4, n_pad).transpose(0, 2, 1)).view(np.int32).ravel()
     out = np.empty((mp, n_pad), np.int32)
     _vnni_gemm_t(bq, np.arange(kp // 4, dtype=np.int64) * n_pad, ap.view(np.int32), out)
     zb = bzp.astype(np.int64)
-    corr = (k * za * zb - za * b.sum(axis=0, dtype=np.int64))[None, :] - zb[None, :] * au.sum(axis=1, dtype=np.int64)[:, None]
-    return (out[:m, :n] + corr).astype(np.int32)
+    # int32 arithmetic wraps like the accumulators; the sum of a is needed only for b zero points
+    corr = (k * za * zb - za * b.sum(axis=0, dtype=np.int64)).astype(np.int32)[None, :]
+    if np.any(zb):
+        corr = corr - (zb[None, :] * au.sum(axis=1, dtype=np.int64)[:, None]).astype(np.int32)
+    return out[:m, :n] + corr
 
 
 # --------------------------------------------------------------------------- conv2d
