@@ -365,7 +365,7 @@ class Planes:
         """xw: (words, H, W) planes of one image, ``fill[i]``: the padding value of word i; with
         ``quads`` xw is (C, H, W) uint8 (C % 4 == 0) packed into int32 words of 4 channels and
         ``fill`` holds one padding word per 4 channels."""
-        (sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow) = stride, dilation, pads, out_hw
+        (sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, _) = stride, dilation, pads, out_hw
         nw, h, wd = xw.shape
         nw = nw // 4 if quads else nw
         self.hs, self.ws = -(-(h + pt + pb) // sh), -(-(wd + pl + pr) // sw)
