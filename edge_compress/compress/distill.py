@@ -53,7 +53,8 @@ class DistillConfig:
 
     teacher: str | None = None
     output_weight: float = 1.0
-    temperature: float = 2.0
+    temperature: float = 1.0   # picodet_xs 128 px, 50%-FLOPs pruning, 6-epoch fine-tune: AP 0.2354 at T=1,
+                               # 0.2292 without distillation (teacher AP 0.335); T=2 did worse on a weaker teacher
     box_weight: float = 1.0
     feature_weight: float = 0.0
     feature_pairs: tuple[tuple[str, str], ...] = ()

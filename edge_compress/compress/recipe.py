@@ -324,7 +324,9 @@ def training_batches(model: nn.Module, data, batches: int = 4, batch_size: int =
     return out
 
 
-def _open_data(model: nn.Module, data) -> tuple[Any, Any]:
+def open_data(model: nn.Module, data) -> tuple[Any, Any]:
+    """The (augmented train, val) splits of dataset directory ``data`` at the model's input size,
+    checked against the model's classes."""
     from edge_compress.pipeline import open_split
 
     spec = model.input_spec
@@ -334,6 +336,9 @@ def _open_data(model: nn.Module, data) -> tuple[Any, Any]:
         raise DataError(f"the model was trained on classes {list(model.class_names)} but {data} has "
                         f"{list(val_ds.class_names)}; compress on the matching dataset")
     return train_ds, val_ds
+
+
+_open_data = open_data   # the name benchmarks/compression.py first used
 
 
 def _finetune(model: nn.Module, step: RecipeStep, teacher: nn.Module | None, train_data, run_dir: Path,
@@ -366,7 +371,7 @@ def compress(model: nn.Module, recipe: Recipe, data, out: str | Path, progress: 
     prior = [AppliedStep.from_dict(s) for s in getattr(model, "compression_steps", None) or []]
     check_order(_as_recipe_steps(prior, recipe.source) + recipe.steps, f"{recipe.source} (after the model's "
                 f"earlier steps {[s.method for s in prior]})" if prior else recipe.source)
-    train_ds, val_ds = _open_data(model, data)
+    train_ds, val_ds = open_data(model, data)
     model.cpu().eval()
     teacher = copy.deepcopy(model).eval() if any(s.distill and s.distill.teacher is None for s in recipe.steps) \
         else None
