@@ -1,0 +1,205 @@
+"""Compression benchmark: every method of the survey on two zoo families, fine-tuned and scored.
+
+    python benchmarks/compression.py           # the zoo benchmark's trained 320 px models (trains missing ones)
+    python benchmarks/compression.py --quick   # < 2 min: shipped 128 px models, tiny data; AP NOT meaningful
+
+Each method is one recipe (edge_compress.compress.recipe) applied to a fresh copy
+of the trained baseline, then fine-tuned for the same number of epochs with the
+same schedule; ``distillation`` is the channel-pruning recipe with the same
+fine-tune plus distillation from the uncompressed model, so the two rows side by
+side show what distillation adds. Every row reports params (total and nonzero),
+GFLOPs, AP and AP50 on the val split (pycocotools) and the weight storage by the
+method's own accounting (fp32 dense, nonzeros + a 1-bit mask for unstructured
+sparsity, 8/2/1/k bits per weight plus scales or codebooks for the quantizers),
+with the change against the baseline.
+
+The issue's goals: channel pruning to 50% of FLOPs + distillation within 1.5 AP
+points; QAT int8 within 0.5; low-rank at 30% fewer FLOPs within 2; binary,
+ternary and 4-bit k-means reported with their size reduction.
+
+Ends with ``RESULT {json}``: ``families`` (family -> baseline row) and
+``methods`` (method -> family -> ap, ap50, params_m, gflops, size_mb, delta_ap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from backends import cpu_name, full_checkpoints, quick_checkpoints  # noqa: E402
+
+FAMILIES = {"yolo_tiny": "yolo_tiny", "ssdlite": "ssdlite_mbv3"}
+GOALS = {"distillation": 1.5, "qat_int8": 0.5, "lowrank": 2.0}     # max AP drop in points
+LOWRANK_FLOPS = 0.7          # low-rank target: 30% fewer FLOPs
+KD = {"output_weight": 1.0, "box_weight": 1.0, "temperature": 2.0}
+
+
+def method_steps(lowrank_energy: float) -> dict[str, dict[str, Any]]:
+    """method -> one recipe step (without its fine-tune); the benchmark's settings of each method."""
+    return {
+        "channel_pruning": {"method": "channel_pruning",
+                            "config": {"criterion": "l1", "scope": "global", "target": "flops", "ratio": 0.5}},
+        "distillation": {"method": "channel_pruning",
+                         "config": {"criterion": "l1", "scope": "global", "target": "flops", "ratio": 0.5},
+                         "distill": dict(KD)},
+        "layer_pruning": {"method": "layer_pruning", "config": {"num_blocks": 2, "criterion": "l1"}},
+        "magnitude": {"method": "magnitude", "config": {"sparsity": 0.5}},
+        "lamp": {"method": "lamp", "config": {"sparsity": 0.7}},
+        "nm_2_4": {"method": "nm_2_4", "config": {}},
+        "qat_int8": {"method": "qat_int8", "config": {}},
+        "binary": {"method": "binary", "config": {}},
+        "ternary": {"method": "ternary", "config": {}},
+        "kmeans": {"method": "kmeans", "config": {"bits": 4}},
+        "lowrank": {"method": "lowrank", "config": {"energy": lowrank_energy}},
+    }
+
+
+def lowrank_energy_for(model, flops_fraction: float) -> float:
+    """The largest SVD/Tucker energy threshold whose decomposition keeps at most ``flops_fraction`` of the
+    baseline MACs (bisection on copies of the model; MACs fall as the threshold falls)."""
+    from edge_compress.compress.lowrank import LowRankConfig, decompose
+    from edge_compress.models.summary import summarize
+
+    base = summarize(model).macs
+
+    def fraction(energy: float) -> float:
+        m = copy.deepcopy(model)
+        decompose(m, LowRankConfig(energy=energy))
+        return summarize(m).macs / base
+
+    lo, hi = 0.05, 0.999
+    if fraction(lo) > flops_fraction:
+        return lo
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fraction(mid) <= flops_fraction else (lo, mid)
+    return lo
+
+
+def size_bytes(report: dict[str, Any], row: dict[str, Any]) -> int:
+    """Weight storage by the method's accounting: quantizers report their own; unstructured sparsity
+    stores the nonzeros in fp32 plus a 1-bit mask; everything else is dense fp32."""
+    if "bytes_compressed" in report:
+        return int(report["bytes_compressed"])
+    if row["params_nonzero"] >= 0 and row["params_nonzero"] < row["params"]:
+        return int(4 * row["params_nonzero"] + row["params"] / 8)
+    return int(4 * row["params"])
+
+
+def run_method(name: str, step: dict[str, Any], baseline, data: Path, out: Path, finetune: dict[str, Any],
+               progress: bool) -> dict[str, Any]:
+    from edge_compress.compress.recipe import Recipe, compress
+
+    recipe = Recipe.from_dict({"name": name, "steps": [{**step, "finetune": dict(finetune)}]},
+                              source=f"benchmark method '{name}'")
+    model = copy.deepcopy(baseline)
+    t0 = time.perf_counter()
+    res = compress(model, recipe, data, out / name, progress=progress,
+                   log=lambda msg: print(f"    {msg}", flush=True))
+    final = res.rows[-1].to_dict()
+    report = res.reports[-1]
+    return {"ap": round(final["ap"], 4), "ap50": round(final["ap50"], 4),
+            "params_m": round(final["params"] / 1e6, 4), "params_nonzero_m": round(final["params_nonzero"] / 1e6, 4),
+            "gflops": round(final["gflops"], 4), "size_mb": round(size_bytes(report, final) / 1e6, 4),
+            "ap_before_finetune": round(res.rows[-2].ap, 4),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def baseline_row(model, data: Path) -> dict[str, Any]:
+    from edge_compress.compress.recipe import _open_data, measure
+
+    _, val = _open_data(model, data)
+    r = measure(model, val, "baseline").to_dict()
+    return {"model": model.name, "ap": round(r["ap"], 4), "ap50": round(r["ap50"], 4),
+            "params_m": round(r["params"] / 1e6, 4), "params_nonzero_m": round(r["params_nonzero"] / 1e6, 4),
+            "gflops": round(r["gflops"], 4), "size_mb": round(4 * r["params"] / 1e6, 4)}
+
+
+def print_table(fam: str, base: dict[str, Any], rows: dict[str, dict[str, Any]]) -> None:
+    print(f"\n{fam} ({base['model']})")
+    head = (f"{'method':<16}{'params M':>9}{'nz M':>8}{'GFLOPs':>8}{'size MB':>9}{'AP':>7}{'AP50':>7}"
+            f"{'dAP':>7}{'dGFLOPs':>9}{'size x':>8}")
+    print(head)
+    print("-" * len(head))
+    print(f"{'baseline':<16}{base['params_m']:>9.3f}{base['params_nonzero_m']:>8.3f}{base['gflops']:>8.3f}"
+          f"{base['size_mb']:>9.3f}{base['ap']:>7.3f}{base['ap50']:>7.3f}")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:<16} FAILED: {r['error']}")
+            continue
+        print(f"{name:<16}{r['params_m']:>9.3f}{r['params_nonzero_m']:>8.3f}{r['gflops']:>8.3f}{r['size_mb']:>9.3f}"
+              f"{r['ap']:>7.3f}{r['ap50']:>7.3f}{r['delta_ap']:>+7.2f}"
+              f"{100 * (r['gflops'] / base['gflops'] - 1):>+8.0f}%{base['size_mb'] / r['size_mb']:>7.1f}x")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shipped 128 px models, tiny data, 1 short fine-tune")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_compression")
+    ap.add_argument("--zoo", type=Path, default=ROOT / "runs" / "bench_zoo",
+                    help="the zoo benchmark's folder (data + trained checkpoints; missing ones are trained)")
+    ap.add_argument("--families", nargs="+", choices=list(FAMILIES),
+                    help="default: both (quick: yolo_tiny only, to stay under 2 minutes)")
+    ap.add_argument("--methods", nargs="+", help="default: all")
+    ap.add_argument("--epochs", type=int, default=3, help="fine-tune epochs of every method (full mode)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from edge_compress.train.checkpoint import load_detector
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_compression_"))
+    try:
+        if args.quick:
+            ckpts, data = quick_checkpoints(tmp)
+            finetune = {"epochs": 1, "batch_size": 16, "lr": 5e-4, "warmup_iters": 2, "ema": False}
+            out = tmp / "runs"
+        else:
+            ckpts, data = full_checkpoints(args.zoo)
+            finetune = {"epochs": args.epochs, "batch_size": 16, "lr": 1e-3, "warmup_iters": 50}
+            out = args.out / time.strftime("%Y%m%d-%H%M%S")
+        families, methods = {}, {}
+        for fam in args.families or (["yolo_tiny"] if args.quick else list(FAMILIES)):
+            baseline = load_detector(ckpts[fam]).eval()
+            families[fam] = baseline_row(baseline, data)
+            energy = lowrank_energy_for(baseline, LOWRANK_FLOPS)
+            steps = method_steps(energy)
+            chosen = args.methods or list(steps)
+            rows = {}
+            for name in chosen:
+                print(f"== {fam}: {name}", flush=True)
+                try:
+                    r = run_method(name, steps[name], baseline, data, out / fam, finetune, sys.stdout.isatty())
+                except Exception as e:           # a failed method is a row with its reason, not a crash
+                    rows[name] = {"error": f"{type(e).__name__}: {e}"}
+                    continue
+                r["delta_ap"] = round(100 * (r["ap"] - families[fam]["ap"]), 2)
+                rows[name] = r
+                methods.setdefault(name, {})[fam] = r
+            print_table(fam, families[fam], rows)
+        label = " (QUICK: accuracy figures not meaningful)" if args.quick else ""
+        goals = {m: {fam: methods[m][fam]["delta_ap"] >= -limit for fam in methods[m]}
+                 for m, limit in GOALS.items() if m in methods}
+        print(f"\ngoals met{label}: {goals}")
+        print("RESULT " + json.dumps({"quick": args.quick, "cpu": cpu_name(), "threads": args.threads,
+                                      "finetune": finetune, "families": families, "methods": methods,
+                                      "goals_met": goals}))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
