@@ -96,11 +96,27 @@ def _choose(g: OnnxGraph, config: LoweringConfig, module_map: dict[str, str]) ->
                 also = f" (ONNX node '{name}')" if user != name else ""
                 raise ConfigError(f"layer '{user}'{also} cannot be lowered to {choice}: {reason}")
         else:
-            choice, reason = config.default, why_not(g, c, config.default)
+            choice, reason = config.default, why_not(g, c, config.default) or _not_worth(c, config.default)
             if reason:
                 choice, fallbacks[name] = "fp32", f"default {config.default} not possible: {reason}"
         choices[name] = choice
     return choices, fallbacks
+
+
+# A conv given sparse_csr by default stays fp32 unless at least half its weights are zero: the CSR
+# kernel wins over dense fp32 only at high sparsity (benchmarks/kernels.py: ~2x at 90% zeros), and a
+# detector's unpruned layers (stem, head outputs) would only get slower. Naming a layer overrides it.
+SPARSE_DEFAULT_MAX_DENSITY = 0.5
+
+
+def _not_worth(c, choice: str) -> str | None:
+    if choice != "sparse_csr":
+        return None
+    density = float(np.count_nonzero(c.w)) / c.w.size
+    if density > SPARSE_DEFAULT_MAX_DENSITY:
+        return (f"its weights are {100 * density:.0f}% nonzero; by default sparse_csr takes only convs at most "
+                f"{100 * SPARSE_DEFAULT_MAX_DENSITY:.0f}% dense (name the layer to force it)")
+    return None
 
 
 def _translate(g: OnnxGraph, choices: dict[str, str], convs: ConvLowering) -> list[Op]:

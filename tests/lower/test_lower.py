@@ -225,11 +225,19 @@ def test_sparse_refusals():
 
 
 def test_default_falls_back_with_the_reason_recorded():
-    g = lower(load_detector(ASSETS / "ssdlite_mbv2.pt"), LoweringConfig(default="sparse_csr"))
+    g = lower(load_detector(ASSETS / "ssdlite_mbv2.pt"), LoweringConfig(default="binary"))
     prec = g.precision()
-    assert set(prec.values()) == {"fp32", "sparse_csr"}
-    assert {n for n, p in prec.items() if p == "fp32"} == set(g.meta["fallbacks"])
-    assert all("depthwise" in why for why in g.meta["fallbacks"].values())
+    assert set(prec.values()) == {"fp32"} and set(prec) == set(g.meta["fallbacks"])
+    assert all("depthwise" in why or "not a binary activation" in why for why in g.meta["fallbacks"].values())
+
+
+def test_default_sparse_takes_only_sparse_convs():
+    """By default sparse_csr goes only to convs at most half dense; the dense ones say why they stay fp32."""
+    model = load_detector(ASSETS / "yolo_tiny.pt")
+    pruned = _prune(model)
+    g = lower(model, LoweringConfig(default="sparse_csr"))
+    assert sum(p == "sparse_csr" for p in g.precision().values()) == len(pruned)
+    assert all("nonzero" in why or "depthwise" in why for why in g.meta["fallbacks"].values())
 
 
 def test_config_validation_and_names():
