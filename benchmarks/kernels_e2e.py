@@ -58,11 +58,8 @@ def _compressed(name: str, spec: dict[str, Any], baseline, data: Path, cache: Pa
 
 
 def _export(model, backend: str, out: Path, data: Path, threads: int, lowering=None):
-    from edge_compress.compress.sparsity import remove_masks
     from edge_compress.export import export_model
 
-    model = copy.deepcopy(model).eval()
-    remove_masks(model)              # pruned zeros become plain weight values: what lowering packs
     return export_model(model, backend, out, data=data, threads=threads, lowering=lowering)
 
 

@@ -151,12 +151,24 @@ def compare_latency(fp32: Runner, int8: Runner, x: np.ndarray, threads: int, war
             "int8_p50_ms": i, "int8_speedup": f / i if i > 0 else float("inf")}
 
 
+def _masks_baked(model):
+    """A copy with pruning masks (``torch.nn.utils.parametrize``) baked into plain weights, so the pruned
+    zeros reach the exported graph as initializer values (what sparse kernels pack); else the model."""
+    from torch.nn.utils import parametrize
+
+    if not any(parametrize.is_parametrized(m) for m in model.modules()):
+        return model
+    from edge_compress.compress.sparsity import baked_copy
+
+    return baked_copy(model)
+
+
 class _Subject:
     """What the export flow needs from a detector, zoo (torch) or external (ONNX file)."""
 
     def __init__(self, model):
-        self.model = model
         self.is_torch = hasattr(model, "state_dict")
+        self.model = _masks_baked(model) if self.is_torch else model
         self.reference = torch_reference(model) if self.is_torch else model.reference
 
     def write_fp32_onnx(self, path: Path) -> Path:
@@ -258,7 +270,7 @@ def export_model(model, backend: str, out: str | os.PathLike, *, quant=None, sou
         fp32_onnx = subject.write_fp32_onnx(work / "fp32.onnx")
         extra: dict[str, Any] = {}
         if quant is None:
-            src = ExportSource(onnx=fp32_onnx, fp32_onnx=fp32_onnx, model=model if subject.is_torch else None)
+            src = ExportSource(onnx=fp32_onnx, fp32_onnx=fp32_onnx, model=subject.model if subject.is_torch else None)
         else:
             src, extra = _int8_source(subject, be, quant, fp32_onnx, calib_set, work, tmp, calibration)
         if lowering is not None:
@@ -389,14 +401,14 @@ def _open_matching(model, data, split: str):
 
 def export_checkpoint(checkpoint: str | os.PathLike, backend: str, out: str | os.PathLike,
                       data: str | os.PathLike | None = None, split: str = "val", threads: int = 1,
-                      quant=None, min_sqnr_db: float = INT8_MIN_SQNR_DB) -> Artifact:
-    """Export a checkpoint written by ``edge-compress train`` (its EMA weights)."""
+                      quant=None, min_sqnr_db: float = INT8_MIN_SQNR_DB, lowering=None) -> Artifact:
+    """Export a checkpoint written by ``edge-compress train`` (its EMA weights) or ``edge-compress compress``."""
     from edge_compress.train import load_detector
 
     get_backend(backend, require_available=False)  # unknown backend: fail before loading anything
     model = load_detector(checkpoint)
     return export_model(model, backend, out, source_sha256=sha256_file(Path(checkpoint)), data=data,
-                        split=split, threads=threads, quant=quant, min_sqnr_db=min_sqnr_db)
+                        split=split, threads=threads, quant=quant, min_sqnr_db=min_sqnr_db, lowering=lowering)
 
 
 def evaluate_artifact(path: str | os.PathLike, data: str | os.PathLike, split: str = "val",

@@ -164,6 +164,21 @@ def _external(a):
     return load_external(a.checkpoint, a.decoder, names, a.input_size, **kw)
 
 
+def _lowering(a) -> dict | None:
+    """--lower / --lower-layer as a LoweringConfig dict (kernels backend only; validated by export)."""
+    if a.lower_default is None and not a.lower_layers:
+        return None
+    layers = {}
+    for item in a.lower_layers or []:
+        name, sep, choice = item.partition("=")
+        if not sep or not name or not choice:
+            raise ConfigError(f"--lower-layer '{item}' must be LAYER=CHOICE, e.g. backbone.stage3.conv1.conv=binary")
+        layers[name] = choice
+    from edge_compress.lower import LoweringConfig
+
+    return LoweringConfig(default=a.lower_default or "fp32", layers=layers).to_dict()
+
+
 def cmd_export(a) -> int:
     import warnings
 
@@ -172,6 +187,7 @@ def cmd_export(a) -> int:
 
     _threads(a)
     quant = _quant_config(a)
+    lowering = _lowering(a)
     min_sqnr = a.min_sqnr if a.min_sqnr is not None else INT8_MIN_SQNR_DB
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Int8SlowerWarning)  # printed below from the manifest
@@ -179,12 +195,13 @@ def cmd_export(a) -> int:
             from edge_compress.export import export_model
 
             art = export_model(_external(a), a.backend, a.out, data=a.data, split=a.split, threads=a.threads or 1,
-                               quant=quant, min_sqnr_db=min_sqnr)
+                               quant=quant, min_sqnr_db=min_sqnr, lowering=lowering)
         else:
             if a.decoder or a.classes:
                 raise ConfigError("--decoder/--classes describe an external ONNX file; a checkpoint carries its own")
             art = export_checkpoint(a.checkpoint, a.backend, a.out, data=a.data, split=a.split,
-                                    threads=a.threads or 1, quant=quant, min_sqnr_db=min_sqnr)
+                                    threads=a.threads or 1, quant=quant, min_sqnr_db=min_sqnr,
+                                    lowering=lowering)
     m, v = art.manifest, art.manifest["validation"]
     check = (f"matches its reference: relative error {v['rel_error']:.2g} <= {v['tolerance']:g}" if "rel_error" in v
              else f"int8 SQNR {v['sqnr_db']:.1f} dB >= {v['min_sqnr_db']:g} dB")
@@ -329,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--per-tensor", dest="per_tensor", action="store_true", help="per-tensor weight scales")
     q.add_argument("--min-sqnr", dest="min_sqnr", type=float, help="refuse the export below this head-output "
                    "SQNR in dB against fp32 (default 20)")
+    k = p.add_argument_group("kernels backend: which of our kernels each conv runs on")
+    k.add_argument("--lower", dest="lower_default", choices=["fp32", "int8", "binary", "sparse_csr", "sparse_2_4"],
+                   help="every conv that can take it (binarised convs -> binary; convs at most half dense -> "
+                        "sparse_csr); the others stay fp32 and the manifest says why")
+    k.add_argument("--lower-layer", dest="lower_layers", action="append", metavar="LAYER=CHOICE",
+                   help="one conv's kernel (module or ONNX node name); an impossible choice is an error; repeatable")
     p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("run", help="detect objects in images with an artifact (JSON + drawn boxes)")

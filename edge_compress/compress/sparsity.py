@@ -28,6 +28,7 @@ predictors of logits and box offsets, where a detector loses most for little siz
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -308,6 +309,21 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
         if parametrize.is_parametrized(module, "weight"):
             out.update({name: p.mask.clone() for p in module.parametrizations.weight if isinstance(p, WeightMask)})
     return out
+
+
+def baked_copy(model: nn.Module) -> nn.Module:
+    """A deep copy whose masked weights are plain parameters holding ``original * mask``; ``model``
+    keeps its masks. (``remove_masks`` on a deep copy would not do: parametrize swaps in a class shared
+    by the copy and the original, and removing it from one breaks the other.)"""
+    baked = copy.deepcopy(model)
+    for name in masks(model):
+        module = baked.get_submodule(name)
+        weight = module.weight.detach().clone()
+        plain = type(module).__bases__[0]            # ParametrizedConv2d -> Conv2d
+        del module._modules["parametrizations"]
+        module.__class__ = plain
+        module.weight = nn.Parameter(weight)
+    return baked
 
 
 def remove_masks(model: nn.Module) -> dict[str, torch.Tensor]:

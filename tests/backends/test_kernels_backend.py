@@ -104,3 +104,24 @@ def test_tampered_artifact_fails_to_load(tmp_path):
     g.write_text(g.read_text().replace('"leaky_relu"', '"leaky"', 1))
     with pytest.raises(ArtifactError, match="unknown type 'leaky'"):
         get_backend("kernels").load(art.path)
+
+
+def test_cli_exports_a_masked_checkpoint_with_its_zeros_lowered_sparse(tmp_path):
+    """A magnitude-pruned compressed checkpoint (masks still attached) exported with `--lower sparse_csr`:
+    the pruned convs run on the CSR kernel; a malformed --lower-layer is a one-line error."""
+    from edge_compress.compress.checkpoint import AppliedStep, save_compressed
+    from edge_compress.compress.sparsity import SparsityConfig, masks, prune_unstructured
+
+    model = load_detector(ASSETS / "yolo_tiny.pt")
+    report = prune_unstructured(model, SparsityConfig(method="magnitude", sparsity=0.8)).to_dict()
+    ckpt = tmp_path / "sparse.pt"
+    save_compressed(ckpt, model, [AppliedStep("magnitude", {"method": "magnitude", "sparsity": 0.8}, report["plan"])])
+    cli = [sys.executable, "-m", "edge_compress.cli.main", "export", str(ckpt), "--backend", "kernels"]
+    done = subprocess.run(cli + ["--out", str(tmp_path / "art"), "--lower", "sparse_csr"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    precision = json.loads((tmp_path / "art" / "manifest.json").read_text())["precision"]
+    assert sum(p == "sparse_csr" for p in precision.values()) == len(masks(model)) > 0
+    bad = subprocess.run(cli + ["--out", str(tmp_path / "bad"), "--lower-layer", "backbone"], capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "must be LAYER=CHOICE" in bad.stderr and not (tmp_path / "bad").exists()

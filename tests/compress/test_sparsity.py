@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from edge_compress.compress.layers import output_layers
-from edge_compress.compress.sparsity import (SparsityConfig, lamp_scores, masks, prune_unstructured,
+from edge_compress.compress.sparsity import (SparsityConfig, baked_copy, lamp_scores, masks, prune_unstructured,
                                              remove_masks)
 from edge_compress.errors import ConfigError
 from edge_compress.models import create_detector
@@ -171,3 +171,18 @@ def test_masked_detector_exports_with_its_zeros(tmp_path):
 def test_default_layers_need_a_detector():
     with pytest.raises(ConfigError, match="name the layers"):
         prune_unstructured(nn.Sequential(nn.Linear(2, 2)), SparsityConfig("magnitude", 0.5))
+
+
+def test_baked_copy_holds_the_zeros_as_plain_weights_and_leaves_the_original_masked():
+    model = detector().eval()
+    prune_unstructured(model, SparsityConfig(method="magnitude", sparsity=0.6))
+    baked = baked_copy(model)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), baked(x))
+    assert masks(baked) == {} and len(masks(model)) > 0
+    for name, mask in masks(model).items():
+        w = baked.get_submodule(name).weight
+        assert type(baked.get_submodule(name)) is nn.Conv2d
+        assert torch.count_nonzero(w[~mask]) == 0
+        assert torch.equal(w[mask], model.get_submodule(name).parametrizations.weight.original[mask])
