@@ -200,3 +200,10 @@ def test_every_landed_method_compresses_and_reloads_identically(method, tiny_syn
     loaded = load_compressed(tmp_path / "out" / "model.pt")
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     assert torch.equal(loaded(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_load(path):
+    recipe = R.load_recipe(path)
+    assert recipe.steps and all(step.method in R.METHODS for step in recipe.steps)
