@@ -103,23 +103,47 @@ def size_bytes(report: dict[str, Any], row: dict[str, Any]) -> int:
     return int(4 * row["params"])
 
 
+def row_from_report(report: dict[str, Any], wall_s: float | None = None) -> dict[str, Any]:
+    """A table row from a ``compress`` report (``report.json``): the last stage, the stage before its
+    fine-tune, and the method's size accounting."""
+    final, before = report["rows"][-1], report["rows"][-2]
+    return {"ap": round(final["ap"], 4), "ap50": round(final["ap50"], 4),
+            "params_m": round(final["params"] / 1e6, 4), "params_nonzero_m": round(final["params_nonzero"] / 1e6, 4),
+            "gflops": round(final["gflops"], 4), "size_mb": round(size_bytes(report["reports"][-1], final) / 1e6, 4),
+            "ap_before_finetune": round(before["ap"], 4), "wall_s": wall_s}
+
+
 def run_method(name: str, step: dict[str, Any], baseline, data: Path, out: Path, finetune: dict[str, Any],
                progress: bool) -> dict[str, Any]:
     from edge_compress.compress.recipe import Recipe, compress
 
     recipe = Recipe.from_dict({"name": name, "steps": [{**step, "finetune": dict(finetune)}]},
                               source=f"benchmark method '{name}'")
-    model = copy.deepcopy(baseline)
     t0 = time.perf_counter()
-    res = compress(model, recipe, data, out / name, progress=progress,
-                   log=lambda msg: print(f"    {msg}", flush=True))
-    final = res.rows[-1].to_dict()
-    report = res.reports[-1]
-    return {"ap": round(final["ap"], 4), "ap50": round(final["ap50"], 4),
-            "params_m": round(final["params"] / 1e6, 4), "params_nonzero_m": round(final["params_nonzero"] / 1e6, 4),
-            "gflops": round(final["gflops"], 4), "size_mb": round(size_bytes(report, final) / 1e6, 4),
-            "ap_before_finetune": round(res.rows[-2].ap, 4),
-            "wall_s": round(time.perf_counter() - t0, 1)}
+    compress(copy.deepcopy(baseline), recipe, data, out / name, progress=progress,
+             log=lambda msg: print(f"    {msg}", flush=True))
+    report = json.loads((out / name / "report.json").read_text())
+    return row_from_report(report, round(time.perf_counter() - t0, 1))
+
+
+def collect(run_dirs: list[Path]) -> tuple[dict, dict]:
+    """Rows of earlier runs (``RUN/FAMILY/METHOD/report.json``), e.g. families run in separate processes;
+    the baseline of a family is the first stage of its reports."""
+    families: dict[str, dict] = {}
+    methods: dict[str, dict] = {}
+    for run in run_dirs:
+        for path in sorted(run.glob("*/*/report.json")):
+            fam, name = path.parent.parent.name, path.parent.name
+            report = json.loads(path.read_text())
+            b = report["rows"][0]
+            families.setdefault(fam, {"model": report["model"]["name"], "ap": round(b["ap"], 4),
+                                      "ap50": round(b["ap50"], 4), "params_m": round(b["params"] / 1e6, 4),
+                                      "params_nonzero_m": round(b["params_nonzero"] / 1e6, 4),
+                                      "gflops": round(b["gflops"], 4), "size_mb": round(4 * b["params"] / 1e6, 4)})
+            row = row_from_report(report)
+            row["delta_ap"] = round(100 * (row["ap"] - families[fam]["ap"]), 2)
+            methods.setdefault(name, {})[fam] = row
+    return families, methods
 
 
 def baseline_row(model, data: Path) -> dict[str, Any]:
@@ -149,6 +173,15 @@ def print_table(fam: str, base: dict[str, Any], rows: dict[str, dict[str, Any]])
               f"{100 * (r['gflops'] / base['gflops'] - 1):>+8.0f}%{base['size_mb'] / r['size_mb']:>7.1f}x")
 
 
+def report_result(quick: bool, threads: int, finetune: dict, families: dict, methods: dict) -> None:
+    label = " (QUICK: accuracy figures not meaningful)" if quick else ""
+    goals = {m: {fam: methods[m][fam]["delta_ap"] >= -limit for fam in methods[m]}
+             for m, limit in GOALS.items() if m in methods}
+    print(f"\ngoals met{label}: {goals}")
+    print("RESULT " + json.dumps({"quick": quick, "cpu": cpu_name(), "threads": threads, "finetune": finetune,
+                                  "families": families, "methods": methods, "goals_met": goals}))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shipped 128 px models, tiny data, 1 short fine-tune")
@@ -160,7 +193,15 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", help="default: all")
     ap.add_argument("--epochs", type=int, default=3, help="fine-tune epochs of every method (full mode)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--collect", type=Path, nargs="+", metavar="RUN_DIR",
+                    help="print the table and RESULT of earlier runs' folders instead of running anything")
     args = ap.parse_args(argv)
+    if args.collect:
+        families, methods = collect(args.collect)
+        for fam in families:
+            print_table(fam, families[fam], {m: r[fam] for m, r in methods.items() if fam in r})
+        report_result(False, args.threads, {"collected": [str(p) for p in args.collect]}, families, methods)
+        return 0
     torch.set_num_threads(args.threads)
 
     from edge_compress.train.checkpoint import load_detector
@@ -194,13 +235,7 @@ def main(argv=None) -> int:
                 rows[name] = r
                 methods.setdefault(name, {})[fam] = r
             print_table(fam, families[fam], rows)
-        label = " (QUICK: accuracy figures not meaningful)" if args.quick else ""
-        goals = {m: {fam: methods[m][fam]["delta_ap"] >= -limit for fam in methods[m]}
-                 for m, limit in GOALS.items() if m in methods}
-        print(f"\ngoals met{label}: {goals}")
-        print("RESULT " + json.dumps({"quick": args.quick, "cpu": cpu_name(), "threads": args.threads,
-                                      "finetune": finetune, "families": families, "methods": methods,
-                                      "goals_met": goals}))
+        report_result(args.quick, args.threads, finetune, families, methods)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
