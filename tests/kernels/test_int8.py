@@ -3,14 +3,12 @@
 Integer paths: bit-exact against plain NumPy int64 loops written here (not the kernel code),
 property-tested over shapes, strides, padding, dilation, groups/depthwise and zero points.
 Requantisation: bit-exact against a NumPy transcription of the gemmlowp formulas and within
-1 LSB of a float64 rescale. Conv semantics: the ONNX backend node cases of ConvInteger and
-QLinearConv.
+1 LSB of a float64 rescale. Conv and GEMM semantics: the ONNX backend node cases of ConvInteger,
+QLinearConv, MatMulInteger and QLinearMatMul.
 """
 
 from __future__ import annotations
 
-import glob
-import os
 
 import numpy as np
 import pytest
@@ -260,40 +258,6 @@ def test_quantize_multiplier_rejects_non_positive():
 # --------------------------------------------------------------------------- ONNX node cases
 
 
-def _onnx_node_cases(prefix: str, cls_name: str, module: str):
-    """(inputs, outputs) of the ONNX backend node test cases named ``prefix*``.
-
-    Read from the shipped ``onnx/backend/test/data/node/<case>/test_data_set_0/*.pb`` when the
-    installed wheel has them; onnx 1.23.2's wheel does not ship data/node, so otherwise the same
-    tensors come from the case generators in ``onnx.backend.test.case.node`` (the code that writes
-    those .pb files).
-    """
-    import importlib
-
-    import onnx
-    from onnx import numpy_helper
-
-    data = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "node")
-    dirs = sorted(glob.glob(os.path.join(data, prefix + "*", "test_data_set_0")))
-    if dirs:
-        def load(d, kind):
-            return [numpy_helper.to_array(onnx.load_tensor(f)) for f in sorted(glob.glob(os.path.join(d, kind + "_*.pb")))]
-        return [(os.path.basename(os.path.dirname(d)), onnx.load(os.path.join(d, "..", "model.onnx")).graph.node[0],
-                 load(d, "input"), load(d, "output")) for d in dirs]
-    node = importlib.import_module("onnx.backend.test.case.node")
-    node._TargetOpType = None
-    cls = getattr(importlib.import_module(f"onnx.backend.test.case.node.{module}"), cls_name)  # import runs the exports
-    cases = [c for c in node._NodeTestCases if c.name.startswith(prefix)]
-    if not cases:  # imported earlier under another op-type filter: run the exports again
-        for n in [n for n in node._existing_names if n.startswith(prefix)]:
-            del node._existing_names[n]
-        for name in dir(cls):
-            if name.startswith("export"):
-                getattr(cls, name)()
-        cases = [c for c in node._NodeTestCases if c.name.startswith(prefix)]
-    return [(c.name, c.model.graph.node[0], list(c.data_sets[0][0]), list(c.data_sets[0][1])) for c in cases]
-
-
 def _as_int8(q, zp):
     """uint8 weights + zero point -> int8 with the same differences (both shifted by 128)."""
     q = np.asarray(q)
@@ -302,36 +266,57 @@ def _as_int8(q, zp):
     return (q.astype(np.int16) - 128).astype(np.int8), np.asarray(zp, np.int32) - 128
 
 
-def _conv_attrs(node) -> dict:
-    """ONNX Conv attributes -> conv2d_int8 keywords (ONNX pads are top, left, bottom, right)."""
-    from onnx import helper
-
-    a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
-    assert a.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET"), "auto_pad cases need explicit pads here"
-    return dict(stride=tuple(a.get("strides", (1, 1))), padding=tuple(a.get("pads", (0, 0, 0, 0))),
-                dilation=tuple(a.get("dilations", (1, 1))), groups=int(a.get("group", 1)))
-
-
-def test_onnx_convinteger_node_cases():
-    cases = _onnx_node_cases("test_convinteger", "ConvInteger", "convinteger")
+def test_onnx_convinteger_node_cases(onnx_node_cases, onnx_conv_attrs):
+    cases = onnx_node_cases("test_convinteger", "ConvInteger", "convinteger")
     assert len(cases) >= 2
     for name, node, inputs, (y,) in cases:
         x, w, x_zp = inputs[0], inputs[1], inputs[2]
         w_zp = inputs[3] if len(inputs) > 3 else np.uint8(0) if w.dtype == np.uint8 else np.int8(0)
         w8, wzp8 = _as_int8(w, w_zp)
-        got = conv2d_int8(x, w8, None, int(x_zp), wzp8, **_conv_attrs(node))
+        got = conv2d_int8(x, w8, None, int(x_zp), wzp8, **onnx_conv_attrs(node, x.shape, w.shape))
         np.testing.assert_array_equal(got, y, err_msg=name)
 
 
-def test_onnx_qlinearconv_node_cases():
-    cases = _onnx_node_cases("test_qlinearconv", "QLinearConv", "qlinearconv")
+def test_onnx_qlinearconv_node_cases(onnx_node_cases, onnx_conv_attrs):
+    cases = onnx_node_cases("test_qlinearconv", "QLinearConv", "qlinearconv")
     assert cases
     for name, node, (x, xs, xzp, w, ws, wzp, ys, yzp), (y,) in cases:
         w8, wzp8 = _as_int8(w, wzp)
         real = np.float64(xs) * np.asarray(ws, np.float64) / np.float64(ys)
         mult, shift = quantize_multiplier(real)
         got = conv2d_int8(x, w8, None, int(xzp), wzp8, multiplier=mult, shift=shift, out_zp=int(yzp),
-                          out_dtype=y.dtype, **_conv_attrs(node))
+                          out_dtype=y.dtype, **onnx_conv_attrs(node, x.shape, w.shape))
+        np.testing.assert_array_equal(got, y, err_msg=name)
+
+
+def _scalar(v):
+    """An ONNX per-tensor value (shape () or (1,)) as a NumPy scalar of its dtype."""
+    v = np.asarray(v)
+    assert v.size == 1, f"per-tensor value expected, got shape {v.shape}"
+    return v.reshape(())[()]
+
+
+def test_onnx_matmulinteger_node_cases(onnx_node_cases):
+    cases = onnx_node_cases("test_matmulinteger", "MatMulInteger", "matmulinteger")
+    assert cases
+    for name, _node, (a, b, a_zp, b_zp), (y,) in cases:
+        b8, bzp8 = _as_int8(b, _scalar(b_zp))
+        got = gemm_s8s8_s32(a, b8, int(_scalar(a_zp)), bzp8)
+        np.testing.assert_array_equal(got, y, err_msg=name)
+
+
+def test_onnx_qlinearmatmul_node_cases(onnx_node_cases):
+    """2D and 3D (batched over the leading axis), uint8 and int8, float32 and float16 scales."""
+    cases = onnx_node_cases("test_qlinearmatmul", "QLinearMatMul", "qlinearmatmul")
+    assert len(cases) >= 4
+    for name, _node, (a, a_s, a_zp, b, b_s, b_zp, y_s, y_zp), (y,) in cases:
+        b8, bzp8 = _as_int8(b, _scalar(b_zp))
+        real = np.float64(_scalar(a_s)) * np.float64(_scalar(b_s)) / np.float64(_scalar(y_s))
+        mult, shift = quantize_multiplier(real)
+        a3, b3 = a.reshape((-1,) + a.shape[-2:]), np.broadcast_to(b8, a.shape[:-2] + b8.shape[-2:]).reshape((-1,) + b8.shape[-2:])
+        got = np.stack([requantize(gemm_s8s8_s32(ai, np.ascontiguousarray(bi), int(_scalar(a_zp)), bzp8),
+                                   mult, shift, int(_scalar(y_zp)), out_dtype=y.dtype)
+                        for ai, bi in zip(a3, b3)]).reshape(y.shape)
         np.testing.assert_array_equal(got, y, err_msg=name)
 
 

@@ -123,3 +123,14 @@ def test_bad_arguments_raise():
         ops.maxpool(rand(1, 1, 2, 2), (3, 3), (1, 1))
     with pytest.raises(ConfigError, match="pads"):
         ops.pad_constant(rand(1, 1, 2, 2), [1, 1])
+
+
+def test_conv2d_fp32_onnx_node_cases(onnx_node_cases, onnx_conv_attrs):
+    """onnx's own Conv node cases (padding, strides, asymmetric pads, auto_pad SAME_LOWER)."""
+    cases = onnx_node_cases("test_", "Conv", "conv")
+    cases = [c for c in cases if c[1].op_type == "Conv"]
+    assert len(cases) >= 6
+    for name, node, (x, w, *b), (y,) in cases:
+        a = onnx_conv_attrs(node, x.shape, w.shape)
+        got = ops.conv2d_fp32(x, w, b[0] if b else None, a["stride"], a["padding"], a["dilation"], a["groups"])
+        np.testing.assert_allclose(got, y, rtol=1e-5, atol=1e-5, err_msg=name)

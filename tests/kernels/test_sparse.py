@@ -350,3 +350,21 @@ def test_formats_match_onnxruntime_conv(k, stride, pads, dilation):
                                (two_four_weight(rng, shape), NMWeights.from_conv_weight, sparse_conv2d_nm)]:
         got = conv(x, pack(weight), k, k, 16, stride=stride, padding=pads, dilation=dilation, bias=bias)
         assert_close(got, _ort_conv(x, weight, bias, stride, pads, dilation).astype(np.float64))
+
+
+def test_formats_on_onnx_conv_node_cases(onnx_node_cases, onnx_conv_attrs):
+    """onnx's own Conv node cases (pads, strides, asymmetric pads, auto_pad) through the CSR and
+    BSR formats: the padding and geometry semantics, with the cases' dense weights packed as is
+    (2:4 needs K divisible by 4, which their 3x3 single-channel weights are not)."""
+    cases = [c for c in onnx_node_cases("test_", "Conv", "conv") if c[1].op_type == "Conv"]
+    assert len(cases) >= 6
+    for name, node, (x, w, *_), (y,) in cases:
+        a = onnx_conv_attrs(node, x.shape, w.shape)
+        if a["groups"] != 1:
+            continue
+        w2d = w.reshape(w.shape[0], -1)
+        geo = dict(stride=a["stride"], padding=a["padding"], dilation=a["dilation"])
+        kh, kw, c = w.shape[2], w.shape[3], w.shape[1]
+        for fmt, conv in (("csr", lambda: sparse_conv2d_csr(x, csr_pack(w2d), kh, kw, c, **geo)),
+                          ("bsr", lambda: sparse_conv2d_bsr(x, bsr_pack(w2d), kh, kw, c, **geo))):
+            np.testing.assert_allclose(conv(), y, rtol=1e-5, atol=1e-5, err_msg=f"{name} {fmt}")
