@@ -24,6 +24,13 @@ FAMILIES = ["yolo_tiny", "picodet_s", "ssdlite_mbv2", "ssdlite_mbv3"]
 def test_family_exports_and_matches_torch(name, tmp_path):
     torch.manual_seed(1)
     model = create_detector(name, num_classes=5, input_size=64).eval()
+    # The zoo's init keeps the output convs small (prior-probability bias init), so an untrained
+    # detector's outputs hardly depend on the image: its image-dependent part sits at float32
+    # rounding level (1e-4 against outputs of ~5) and no tolerance can check it. Kaiming weights
+    # everywhere make the outputs really depend on the input.
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
     art = export_model(model, "openvino", tmp_path / "art")
 
     m = art.manifest
@@ -41,7 +48,8 @@ def test_family_exports_and_matches_torch(name, tmp_path):
     out = get_backend("openvino").load(art.path)(x)
     assert out.shape == ref.shape == (2, len(model.priors()), model.post.channels)
     assert relative_error(ref, out) <= FP32_REL_TOL
-    # untrained heads output nearly the same for any image: check the part that depends on the input too
+    # the part that depends on the input: a few percent of the outputs here, 1e5 times rounding noise
+    assert np.abs(ref[1] - ref[0]).max() > 0.01 * np.abs(ref).max()
     assert relative_error(ref[1] - ref[0], out[1] - out[0]) <= FP32_REL_TOL
 
     # one precision entry per conv of the IR (depthwise ones are GroupConvolution), all fp32
