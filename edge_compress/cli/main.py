@@ -188,6 +188,9 @@ def cmd_export(a) -> int:
     _threads(a)
     quant = _quant_config(a)
     lowering = _lowering(a)
+    if lowering and quant is None and "int8" in [lowering["default"], *lowering["layers"].values()]:
+        raise ConfigError("int8 kernels need calibrated activation ranges: add --int8 (with --data, calibrated on "
+                          "its train images), e.g. edge-compress export CKPT --backend kernels --int8 --data D --out DIR")
     min_sqnr = a.min_sqnr if a.min_sqnr is not None else INT8_MIN_SQNR_DB
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Int8SlowerWarning)  # printed below from the manifest
@@ -349,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = p.add_argument_group("kernels backend: which of our kernels each conv runs on")
     k.add_argument("--lower", dest="lower_default", choices=["fp32", "int8", "binary", "sparse_csr", "sparse_2_4"],
                    help="every conv that can take it (binarised convs -> binary; convs at most half dense -> "
-                        "sparse_csr); the others stay fp32 and the manifest says why")
+                        "sparse_csr; int8 needs --int8 for its calibration); the others stay fp32 and the manifest "
+                        "says why")
     k.add_argument("--lower-layer", dest="lower_layers", action="append", metavar="LAYER=CHOICE",
                    help="one conv's kernel (module or ONNX node name); an impossible choice is an error; repeatable")
     p.set_defaults(func=cmd_export)

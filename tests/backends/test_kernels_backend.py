@@ -125,3 +125,14 @@ def test_cli_exports_a_masked_checkpoint_with_its_zeros_lowered_sparse(tmp_path)
     bad = subprocess.run(cli + ["--out", str(tmp_path / "bad"), "--lower-layer", "backbone"], capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "must be LAYER=CHOICE" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_cli_int8_lowering_without_calibration_names_the_flag(tmp_path):
+    """`--lower int8` (or `--lower-layer L=int8`) without `--int8` has no activation ranges: a one-line error
+    naming the flag that calibrates them, nothing written."""
+    cli = [sys.executable, "-m", "edge_compress.cli.main", "export", str(ASSETS / "yolo_tiny.pt"), "--backend",
+           "kernels"]
+    for extra in (["--lower", "int8"], ["--lower-layer", "backbone.stem.0.conv=int8"]):
+        done = subprocess.run(cli + ["--out", str(tmp_path / "art"), *extra], capture_output=True, text=True)
+        assert done.returncode == 2 and "add --int8" in done.stderr, done.stderr
+        assert not (tmp_path / "art").exists()
