@@ -143,7 +143,9 @@ def _check_energy(dev: DeviceConfig) -> None:
         raise _err(dev, "energy_sensor", "android reads the battery over ADB: use connection adb with a serial")
 
 
-LOCAL = DeviceConfig(name="local", connection="local", description="this machine (built in)")
+# Every backend that runs on a CPU host (TensorRT needs an NVIDIA GPU); one not installed says so at load.
+LOCAL_BACKENDS = ("onnxruntime", "openvino", "litert", "kernels")
+LOCAL = DeviceConfig(name="local", connection="local", backends=LOCAL_BACKENDS, description="this machine (built in)")
 
 
 def load_devices(path: str | Path = DEFAULT_PATH) -> dict[str, DeviceConfig]:

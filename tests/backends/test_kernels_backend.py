@@ -52,6 +52,17 @@ def test_fp32_export_runs_and_profiles(tmp_path, val_inputs):
     assert all(t.median_us > 0 and t.samples == 3 for t in timings)
     assert set(m["precision"]) <= {t.name for t in timings if t.op_type == "conv"}
 
+    # `profile --device local` (the repository's devices.yaml) takes it as it takes the other backends' artifacts
+    from edge_compress.cli.main import main
+
+    store = tmp_path / "profiles"
+    devices = Path(__file__).resolve().parents[2] / "devices.yaml"
+    assert main(["profile", str(art.path), "--device", "local", "--devices", str(devices),
+                 "--store", str(store), "--warmup", "1", "--max-seconds", "0.2", "--max-repeats", "20"]) == 0
+    (record,) = store.glob("local/kernels/*/*.json")
+    per_layer = json.loads(record.read_text())["per_layer"]
+    assert {r["name"] for r in per_layer["layers"]} == {op["name"] for op in graph["ops"]}
+
 
 def test_int8_export_uses_the_flow_calibration(tmp_path, synth128, val_inputs):
     model = load_detector(ASSETS / "ssdlite_mbv3.pt")

@@ -22,6 +22,8 @@ def test_repository_registry_validates_with_one_entry_per_kind_of_device():
     devices = load_devices(REPO_DEVICES)
     local = devices["local"]
     assert (local.connection, local.threads, local.energy_sensor) == ("local", 2, "estimate")
+    # this machine runs every CPU backend, our kernels included, with or without the registry file
+    assert local.backends == LOCAL.backends == ("onnxruntime", "openvino", "litert", "kernels")
     kinds = {(d.connection, d.energy_sensor) for d in devices.values()}
     assert {("agent", "ina2xx"), ("ssh", "ina3221"), ("adb", "android")} <= kinds
     assert any(d.energy_sensor == "rapl" for d in devices.values())
