@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_compress.backends.base import ExportSource, LayerTiming
 from edge_compress.errors import ArtifactError, BackendUnavailableError, ConfigError
+from edge_compress.sigstack import preserved_signal_stack
 
 CONV_TYPES = ("Convolution", "GroupConvolution")   # GroupConvolution: depthwise and grouped convs
 _PRECISION = {"f32": "fp32", "f16": "fp16", "bf16": "bf16", "i8": "int8", "u8": "int8"}
@@ -57,7 +58,8 @@ class OpenVinoBackend:
         import openvino as ov
 
         ir = _read(Path(model_path))
-        compiled = ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
+        with preserved_signal_stack():
+            compiled = ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
         runtime: dict[str, str] = {}
         for op in compiled.get_runtime_model().get_ordered_ops():
             rt = op.get_rt_info()
@@ -92,7 +94,8 @@ class OpenVinoRunner:
         model = _read(Path(path))
         config = {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": "f32",
                   "PERF_COUNT": bool(perf_count)}
-        self.compiled = ov.Core().compile_model(model, "CPU", config)
+        with preserved_signal_stack():  # the CPU plugin swaps in a stack it frees later (edge_compress.sigstack)
+            self.compiled = ov.Core().compile_model(model, "CPU", config)
         self.request = self.compiled.create_infer_request()
         batch = model.inputs[0].get_partial_shape()[0]
         self.batch = batch.get_length() if batch.is_static else None

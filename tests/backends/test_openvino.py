@@ -114,3 +114,34 @@ def test_missing_openvino_says_how_to_install(monkeypatch):
     assert not ok and "pip install 'edge-compress[openvino]'" in why
     with pytest.raises(BackendUnavailableError, match=r"pip install 'edge-compress\[openvino\]'"):
         get_backend("openvino")
+
+
+def test_compiled_models_leave_the_threads_signal_stack_as_they_found_it(tmp_path):
+    """OpenVINO's CPU plugin sets an alternate signal stack of its own when it compiles a model and
+    puts back the one it saw when that model is destroyed; two compiled models freed in the order they
+    were made (an int8 export times fp32 and int8 side by side) leave the thread on the first one's
+    freed stack, and the next signal taken there (SIGCHLD from a DataLoader worker) killed the test
+    suite. The runner keeps the thread's stack. Fresh interpreter with faulthandler on, as under pytest."""
+    import subprocess
+    from pathlib import Path
+
+    from edge_compress.train import load_detector
+
+    assets = Path(__file__).resolve().parents[1] / "assets" / "conformance"
+    art = export_model(load_detector(assets / "yolo_tiny.pt"), "openvino", tmp_path / "art")
+    script = (
+        "import faulthandler, gc, sys\n"
+        "faulthandler.enable()\n"
+        "from edge_compress.sigstack import current_signal_stack\n"
+        "from edge_compress.backends import get_backend\n"
+        "before = current_signal_stack()\n"
+        "a = get_backend('openvino').load(sys.argv[1])\n"
+        "b = get_backend('openvino').load(sys.argv[1])\n"
+        "del a; gc.collect()\n"
+        "del b; gc.collect()\n"
+        "print('same' if current_signal_stack() == before else f'changed {before} -> {current_signal_stack()}')\n")
+    done = subprocess.run([sys.executable, "-c", script, str(art.path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    if "None" in done.stdout:
+        pytest.skip("sigaltstack is not readable on this platform")
+    assert done.stdout.strip() == "same"
