@@ -17,12 +17,10 @@ def _no_sigchld_handler_left_behind():
     """Restore SIGCHLD's default action after each test.
 
     torch's DataLoader installs a Python SIGCHLD handler the first time it starts worker
-    processes and never removes it. Later in the same session, with the native runtimes of the
-    backend tests loaded, every child exit then delivers SIGCHLD to the main thread and the
-    suite died with SIGSEGV while reading a child's pipe (gdb: thread 1 in read(); seen only in
-    the full suite, in the agent and synth tests). A forced SIGSEGV at signal delivery is the
-    kernel's answer to a signal frame it cannot build, which points at an alternate signal
-    stack that one of those libraries left unusable; with no handler, nothing is delivered.
+    processes and never removes it; every later child exit then interrupts the main thread. The
+    full suite once died with SIGSEGV at such a delivery: OpenVINO's CPU plugin had left the main
+    thread on a freed alternate signal stack (fixed at its source, see edge_compress.sigstack).
+    Restoring the default keeps one test's handler from taking signals during the next.
     """
     yield
     if signal.getsignal(signal.SIGCHLD) not in (signal.SIG_DFL, signal.SIG_IGN, None):
