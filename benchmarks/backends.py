@@ -44,8 +44,9 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def full_checkpoints(out: Path) -> dict[str, Path]:
-    """The zoo benchmark's trained models (runs/bench_zoo), training the missing ones with its config."""
+def full_checkpoints(out: Path, families=None) -> dict[str, Path]:
+    """The zoo benchmark's trained models (runs/bench_zoo) of ``families`` (default: all), training the
+    missing ones with its config."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from zoo import FULL
 
@@ -54,6 +55,8 @@ def full_checkpoints(out: Path) -> dict[str, Path]:
     data = ensure_synthetic(out / "data-2000-300-320", 2000, 300, 320)
     ckpts = {}
     for fam, name in FULL_MODELS.items():
+        if families is not None and fam not in families:
+            continue
         ckpt = out / "runs" / name / "best.pt"
         if not ckpt.is_file():
             print(f"training {name} first (benchmarks/zoo.py configuration)", flush=True)

@@ -213,7 +213,7 @@ def main(argv=None) -> int:
             finetune = {"epochs": 1, "batch_size": 16, "lr": 5e-4, "warmup_iters": 2, "ema": False}
             out = tmp / "runs"
         else:
-            ckpts, data = full_checkpoints(args.zoo)
+            ckpts, data = full_checkpoints(args.zoo, args.families or list(FAMILIES))
             finetune = {"epochs": args.epochs, "batch_size": 16, "lr": 1e-3, "warmup_iters": 50}
             out = args.out / time.strftime("%Y%m%d-%H%M%S")
         families, methods = {}, {}

@@ -114,5 +114,5 @@ def e2e_inputs(quick: bool, tmp: Path) -> tuple[Path, Path, Path]:
         return data, ckpts["yolo_tiny"], tmp / "compressed"
     from backends import full_checkpoints
 
-    ckpts, data = full_checkpoints(ROOT / "runs" / "bench_zoo")
+    ckpts, data = full_checkpoints(ROOT / "runs" / "bench_zoo", ["yolo_tiny"])
     return data, ckpts["yolo_tiny"], ROOT / "runs" / "bench_kernels"
