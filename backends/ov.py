@@ -116,16 +116,22 @@ class OpenVinoRunner:
 def perf_counts_to_timings(runs: list[list[Any]]) -> list[LayerTiming]:
     """Per-run ``ProfilingInfo`` lists -> per-node median ``real_time`` in us, in execution order.
 
-    Nodes with status NOT_RUN were fused into a neighbour by the plugin and
-    take no time of their own; they are left out.
+    Nodes with status NOT_RUN in every run were fused into a neighbour by the plugin and take
+    no time of their own; they are left out. A node that runs in some runs only (the CPU plugin
+    skips some layout reorders when their input is already in place) counts 0 us in the others,
+    so its median is over all runs, like the nodes that always run.
     """
-    times: dict[tuple[str, str], list[float]] = {}
+    per_run: list[dict[tuple[str, str], float]] = []
     for infos in runs:
+        run: dict[tuple[str, str], float] = {}
         for p in infos:
-            if str(p.status).endswith("NOT_RUN"):
-                continue
-            times.setdefault((p.node_name, p.node_type), []).append(p.real_time.total_seconds() * 1e6)
-    return [LayerTiming(name, op, float(statistics.median(ts)), len(ts)) for (name, op), ts in times.items()]
+            if not str(p.status).endswith("NOT_RUN"):
+                key = (p.node_name, p.node_type)
+                run[key] = run.get(key, 0.0) + p.real_time.total_seconds() * 1e6
+        per_run.append(run)
+    order = list(dict.fromkeys(key for run in per_run for key in run))   # first-seen execution order
+    return [LayerTiming(name, op, float(statistics.median(run.get((name, op), 0.0) for run in per_run)), len(per_run))
+            for name, op in order]
 
 
 def _read(xml: Path):

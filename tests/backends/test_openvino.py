@@ -70,7 +70,8 @@ def small_artifact(tmp_path_factory):
 def test_real_profile_of_an_exported_detector(small_artifact):
     x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
     timings = get_backend("openvino").profile_layers(small_artifact.path, x, repeats=5, warmup=2)
-    assert timings and all(t.samples == 5 and t.median_us >= 0 for t in timings)
+    odd = [t for t in timings if t.samples != 5 or t.median_us < 0]
+    assert timings and not odd, odd
     convs = [t for t in timings if t.op_type in ("Convolution", "GroupConvolution")]
     assert convs and all(t.median_us > 0 for t in convs)
     assert {t.name for t in convs} <= set(small_artifact.manifest["precision"])  # IR names, not invented ones
@@ -145,3 +146,21 @@ def test_compiled_models_leave_the_threads_signal_stack_as_they_found_it(tmp_pat
     if "None" in done.stdout:
         pytest.skip("sigaltstack is not readable on this platform")
     assert done.stdout.strip() == "same"
+
+
+def test_perf_counts_skipped_in_some_runs_count_zero():
+    """Fused nodes (NOT_RUN in every run) are left out; a reorder the plugin skips in some runs counts
+    0 us there (seen here: a head Reorder ran in 2 of 5 runs), duplicates in one run add up."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from edge_compress.backends.ov import perf_counts_to_timings
+
+    def info(name, op, us, status="Status.EXECUTED"):
+        return SimpleNamespace(node_name=name, node_type=op, real_time=timedelta(microseconds=us), status=status)
+
+    runs = [[info("conv", "Convolution", 10), info("reorder", "Reorder", 4), info("relu", "Relu", 0, "Status.NOT_RUN")],
+            [info("conv", "Convolution", 12), info("relu", "Relu", 0, "Status.NOT_RUN")],
+            [info("conv", "Convolution", 5), info("conv", "Convolution", 6), info("reorder", "Reorder", 6)]]
+    got = [(t.name, t.op_type, t.median_us, t.samples) for t in perf_counts_to_timings(runs)]
+    assert got == [("conv", "Convolution", 11.0, 3), ("reorder", "Reorder", 4.0, 3)]
