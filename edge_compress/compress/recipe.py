@@ -287,14 +287,16 @@ class CompressResult:
 
 
 def measure(model: nn.Module, val_data, stage: str) -> StageRow:
-    """Params and MACs (``summarize``), nonzero params, COCO AP/AP50 on ``val_data`` (``evaluate_model``)."""
+    """Params (effective weights, ``effective_param_counts``: a clustered layer counts its weights, not
+    its codebook) and nonzero params, MACs (``summarize``), COCO AP/AP50 on ``val_data``."""
     from edge_compress.compress.sparsity import effective_param_counts
     from edge_compress.eval.runner import evaluate_model
     from edge_compress.models.summary import summarize
 
     s = summarize(model)
     m = evaluate_model(model, val_data)
-    return StageRow(stage, s.params, s.macs, float(m.ap), float(m.ap50), effective_param_counts(model)[1])
+    params, nonzero = effective_param_counts(model)
+    return StageRow(stage, params, s.macs, float(m.ap), float(m.ap50), nonzero)
 
 
 def _data_args(verb: Callable[..., Any], config: Any, model: nn.Module, train_data, val_data) -> dict[str, Any]:

@@ -276,16 +276,26 @@ def _report(model: nn.Module, method: str, names: list[str], skipped: dict[str, 
 
 
 def effective_param_counts(model: nn.Module) -> tuple[int, int]:
-    """(total, nonzero) over the model's effective parameters (masked weights count as masked)."""
+    """(total, nonzero) over the model's effective weights: a masked weight counts as masked, and a
+    weight computed from other tensors (``ste.FrozenWeight``: k-means codebook + index, ternary,
+    binary) counts as the weight it computes, one entry per element, not as its sources (a
+    4-bit clustered conv has as many weights as before, stored as indices)."""
+    from edge_compress.compress.ste import FrozenWeight
+
     total = nonzero = 0
-    seen_masked = set()
-    for name, m in model.named_modules():
+    seen = set()
+    for m in model.modules():
         if parametrize.is_parametrized(m, "weight"):
             w = m.weight.detach()
-            total, nonzero = total + w.numel(), nonzero + int((w != 0).sum())
-            seen_masked.add(id(m.parametrizations.weight.original))
+            seen.add(id(m.parametrizations.weight.original))
+        elif isinstance(m, FrozenWeight):
+            w = m.frozen_weight()
+            seen.update(id(t) for t in m.weight_sources())
+        else:
+            continue
+        total, nonzero = total + w.numel(), nonzero + int((w != 0).sum())
     for p in model.parameters():
-        if id(p) not in seen_masked:
+        if id(p) not in seen:
             total, nonzero = total + p.numel(), nonzero + int((p.detach() != 0).sum())
     return total, nonzero
 
