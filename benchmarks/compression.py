@@ -126,9 +126,19 @@ def run_method(name: str, step: dict[str, Any], baseline, data: Path, out: Path,
     return row_from_report(report, round(time.perf_counter() - t0, 1))
 
 
+def recount(ckpt: Path) -> tuple[float, float]:
+    """(params, nonzero params) in millions of a compressed checkpoint, by ``effective_param_counts``."""
+    from edge_compress.compress.sparsity import effective_param_counts
+    from edge_compress.train.checkpoint import load_detector
+
+    total, nonzero = effective_param_counts(load_detector(ckpt))
+    return round(total / 1e6, 4), round(nonzero / 1e6, 4)
+
+
 def collect(run_dirs: list[Path]) -> tuple[dict, dict]:
     """Rows of earlier runs (``RUN/FAMILY/METHOD/report.json``), e.g. families run in separate processes;
-    the baseline of a family is the first stage of its reports."""
+    the baseline of a family is the first stage of its reports; params are recounted from each
+    ``model.pt`` so runs measured under an older accounting agree with today's."""
     families: dict[str, dict] = {}
     methods: dict[str, dict] = {}
     for run in run_dirs:
@@ -142,6 +152,8 @@ def collect(run_dirs: list[Path]) -> tuple[dict, dict]:
                                       "gflops": round(b["gflops"], 4), "size_mb": round(4 * b["params"] / 1e6, 4)})
             row = row_from_report(report)
             row["delta_ap"] = round(100 * (row["ap"] - families[fam]["ap"]), 2)
+            if (path.parent / "model.pt").is_file():   # params as the current accounting counts them
+                row["params_m"], row["params_nonzero_m"] = recount(path.parent / "model.pt")
             methods.setdefault(name, {})[fam] = row
     return families, methods
 
