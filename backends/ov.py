@@ -55,11 +55,8 @@ class OpenVinoBackend:
         """Per conv node of the IR: the precision the CPU plugin runs it in (``runtimePrecision``
         of the compiled model's node that absorbed it), falling back to the weights' element
         type when the plugin does not report the node."""
-        import openvino as ov
-
         ir = _read(Path(model_path))
-        with preserved_signal_stack():
-            compiled = ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
+        compiled = _compile(ir, {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
         runtime: dict[str, str] = {}
         for op in compiled.get_runtime_model().get_ordered_ops():
             rt = op.get_rt_info()
@@ -89,13 +86,10 @@ class OpenVinoRunner:
     """One compiled model and infer request; batches larger than the model's static batch run image by image."""
 
     def __init__(self, path: Path, threads: int = 1, perf_count: bool = False):
-        import openvino as ov
-
         model = _read(Path(path))
         config = {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": "f32",
                   "PERF_COUNT": bool(perf_count)}
-        with preserved_signal_stack():  # the CPU plugin swaps in a stack it frees later (edge_compress.sigstack)
-            self.compiled = ov.Core().compile_model(model, "CPU", config)
+        self.compiled = _compile(model, config)
         self.request = self.compiled.create_infer_request()
         batch = model.inputs[0].get_partial_shape()[0]
         self.batch = batch.get_length() if batch.is_static else None
@@ -132,6 +126,15 @@ def perf_counts_to_timings(runs: list[list[Any]]) -> list[LayerTiming]:
     order = list(dict.fromkeys(key for run in per_run for key in run))   # first-seen execution order
     return [LayerTiming(name, op, float(statistics.median(run.get((name, op), 0.0) for run in per_run)), len(per_run))
             for name, op in order]
+
+
+def _compile(model, config: dict[str, Any]):
+    """``compile_model`` on the CPU, keeping the thread's alternate signal stack: the CPU plugin swaps
+    in one that it frees later (see edge_compress.sigstack)."""
+    import openvino as ov
+
+    with preserved_signal_stack():
+        return ov.Core().compile_model(model, "CPU", config)
 
 
 def _read(xml: Path):
