@@ -331,8 +331,6 @@ def threading_info() -> dict:
     """numba's threading layer and the OpenMP wait policy: OMP_WAIT_POLICY=PASSIVE puts idle OpenMP
     workers to sleep, and waking them costs more than a sub-millisecond kernel's parallel region
     (measured: binary conv 0.29 ms at 2 threads with PASSIVE, 0.16 ms without)."""
-    import os
-
     return {"numba_layer": numba.threading_layer(), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
 
 
