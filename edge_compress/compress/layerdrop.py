@@ -25,12 +25,13 @@ from __future__ import annotations
 import difflib
 import operator
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from edge_compress.compress.bn import check_recalibrate_bn, recalibrate_bn
 from edge_compress.compress.depgraph import trace
 from edge_compress.compress.layers import get_parent
 from edge_compress.errors import ConfigError, require_known_keys
@@ -47,6 +48,7 @@ class LayerDropConfig:
     blocks: tuple[str, ...] = ()
     num_blocks: int = 0
     criterion: str = "l1"
+    recalibrate_bn: int = 16        # training batches to re-estimate BatchNorm on afterwards (0: off)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "blocks", tuple(self.blocks))
@@ -55,6 +57,7 @@ class LayerDropConfig:
                               f"{', '.join(CRITERIA)}")
         if isinstance(self.num_blocks, bool) or not isinstance(self.num_blocks, int) or self.num_blocks < 0:
             raise ConfigError(f"layer_drop.num_blocks={self.num_blocks!r} must be an integer >= 0")
+        check_recalibrate_bn("layer_drop", self.recalibrate_bn)
         if bool(self.blocks) == bool(self.num_blocks):
             raise ConfigError("layer_drop: give exactly one of blocks=(names...) or num_blocks=K (> 0); see "
                               "removable_blocks(model) for the candidates")
@@ -79,11 +82,13 @@ class LayerDropReport:
     params_before: int
     params_after: int
     plan: dict[str, Any] = field(default_factory=dict)
+    bn_recalibrated_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"dropped": list(self.dropped), "kinds": dict(self.kinds), "macs_before": self.macs_before,
                 "macs_after": self.macs_after, "params_before": self.params_before,
-                "params_after": self.params_after, "plan": self.plan}
+                "params_after": self.params_after, "plan": self.plan,
+                "bn_recalibrated_images": self.bn_recalibrated_images}
 
 
 # ---- finding removable blocks
@@ -209,8 +214,10 @@ def restructure(model: nn.Module, plan: dict[str, Any]) -> None:
         setattr(parent, attr, nn.Identity())
 
 
-def drop_layers(model: nn.Module, config: LayerDropConfig, example: torch.Tensor | None = None) -> LayerDropReport:
-    """Replace the chosen blocks of ``model`` by ``nn.Identity`` in place; returns the report with its plan."""
+def drop_layers(model: nn.Module, config: LayerDropConfig, example: torch.Tensor | None = None,
+                bn_batches: Iterable | None = None) -> LayerDropReport:
+    """Replace the chosen blocks of ``model`` by ``nn.Identity`` in place; returns the report with its plan.
+    ``bn_batches``: training batches to recalibrate BatchNorm on afterwards (``config.recalibrate_bn`` > 0)."""
     analysis = _analysis(model, example)
     chosen = _choose(model, analysis, config)
     shape = None if example is None else tuple(example[:1].shape)
@@ -218,6 +225,7 @@ def drop_layers(model: nn.Module, config: LayerDropConfig, example: torch.Tensor
     plan = {"method": "layer_drop", "replaced": {name: "Identity" for name in chosen
                                                  if not any(name.startswith(o + ".") for o in chosen)}}
     restructure(model, plan)
+    seen = recalibrate_bn(model, bn_batches) if config.recalibrate_bn and bn_batches is not None else 0
     after = summarize(model, shape)
     return LayerDropReport(tuple(chosen), {n: analysis[n][0] for n in chosen}, before.macs, after.macs,
-                           before.params, after.params, plan)
+                           before.params, after.params, plan, seen)

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -301,29 +301,37 @@ def measure(model: nn.Module, val_data, stage: str) -> StageRow:
 
 def _data_args(verb: Callable[..., Any], config: Any, model: nn.Module, train_data, val_data) -> dict[str, Any]:
     """The data a verb asks for by parameter name: ``data``/``train_data`` (training split), ``val_data``,
-    and ``taylor_batches`` (a few training batches) when the config's criterion is 'taylor'."""
+    ``taylor_batches`` (a few training batches) when the config's criterion is 'taylor', and
+    ``bn_batches`` (``config.recalibrate_bn`` training batches) for BatchNorm recalibration."""
+    from edge_compress.compress.bn import BATCH_SIZE
+
     params = inspect.signature(verb).parameters
     offered = {"data": train_data, "train_data": train_data, "val_data": val_data}
     args = {k: v for k, v in offered.items() if k in params}
     if "taylor_batches" in params and getattr(config, "criterion", None) == "taylor":
         args["taylor_batches"] = training_batches(model, train_data)
+    if "bn_batches" in params and getattr(config, "recalibrate_bn", 0):
+        args["bn_batches"] = iter_training_batches(model, train_data, config.recalibrate_bn, BATCH_SIZE)
     return args
 
 
 def training_batches(model: nn.Module, data, batches: int = 4, batch_size: int = 8) -> list[tuple[Any, list]]:
     """A few ``(normalised images, targets)`` batches of ``data`` in a fixed order (gradient criteria)."""
+    return list(iter_training_batches(model, data, batches, batch_size))
+
+
+def iter_training_batches(model: nn.Module, data, batches: int, batch_size: int) -> Iterator[tuple[Any, list]]:
+    """``training_batches`` one at a time (BatchNorm recalibration reads many and keeps none)."""
     from torch.utils.data import DataLoader
 
     from edge_compress.data.coco import collate
     from edge_compress.train.trainer import normalize_batch
 
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    out = []
-    for images, targets, _ in loader:
-        out.append((normalize_batch(images, model.input_spec), list(targets)))
-        if len(out) == batches:
+    for i, (images, targets, _) in enumerate(loader):
+        if i == batches:
             break
-    return out
+        yield normalize_batch(images, model.input_spec), list(targets)
 
 
 def open_data(model: nn.Module, data) -> tuple[Any, Any]:

@@ -29,6 +29,11 @@ removed; ``target="flops"``: the fraction of the model's MACs removed, reached b
 bisection on the global threshold (or the uniform per-group ratio). Each group keeps at
 least ``min_channels`` and a multiple of ``round_to`` channels. A dict ``ratio`` keys
 per-layer ratios by conv name: the groups whose filters that conv owns.
+
+After slicing, every BatchNorm's running statistics are re-estimated on
+``recalibrate_bn`` training batches when the caller passes them (``bn_batches``; a recipe
+does), see :mod:`edge_compress.compress.bn`: the statistics of the unpruned network are
+what a freshly pruned detector mostly suffers from.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from edge_compress.compress.bn import check_recalibrate_bn, recalibrate_bn
 from edge_compress.compress.depgraph import ChannelGroup, DependencyGraph, Member, analyze
 from edge_compress.compress.layers import check_names, weight_layers
 from edge_compress.errors import ConfigError, require_known_keys
@@ -59,6 +65,8 @@ class ChannelPruneConfig:
     ``ratio``: a fraction in [0, 1) (of channels or of MACs, per ``target``) or a dict
     conv name -> fraction of that conv's filters (``scope="layer"``, ``target="channels"``).
     ``layers``: convs whose filters may be pruned (empty: every prunable group).
+    ``recalibrate_bn``: training batches (of 16 images) to re-estimate BatchNorm statistics
+    on after pruning (0: keep the old ones).
     """
 
     criterion: str = "l1"
@@ -68,6 +76,7 @@ class ChannelPruneConfig:
     round_to: int = 1
     min_channels: int = 1
     layers: tuple[str, ...] = ()
+    recalibrate_bn: int = 16
 
     def __post_init__(self) -> None:
         for name, value, choices in (("criterion", self.criterion, CRITERIA), ("scope", self.scope, SCOPES),
@@ -78,6 +87,7 @@ class ChannelPruneConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"channel_prune.{name}={v!r} must be an integer >= 1 (e.g. 8 or 1)")
+        check_recalibrate_bn("channel_prune", self.recalibrate_bn)
         object.__setattr__(self, "layers", tuple(self.layers))
         if isinstance(self.ratio, dict):
             object.__setattr__(self, "ratio", dict(self.ratio))
@@ -91,7 +101,8 @@ class ChannelPruneConfig:
 
     def __hash__(self) -> int:   # ratio may be a dict: hash its items
         ratio = tuple(sorted(self.ratio.items())) if isinstance(self.ratio, dict) else self.ratio
-        return hash((self.criterion, ratio, self.scope, self.target, self.round_to, self.min_channels, self.layers))
+        return hash((self.criterion, ratio, self.scope, self.target, self.round_to, self.min_channels, self.layers,
+                     self.recalibrate_bn))
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -133,6 +144,7 @@ class ChannelPruneReport:
     params_after: int
     plan: dict[str, Any]
     skipped: dict[str, str] = field(default_factory=dict)
+    bn_recalibrated_images: int = 0
 
     @property
     def channels_before(self) -> int:
@@ -148,6 +160,7 @@ class ChannelPruneReport:
                 "params_before": self.params_before, "params_after": self.params_after,
                 "channels_before": self.channels_before, "channels_after": self.channels_after,
                 "skipped": dict(self.skipped), "plan": self.plan,
+                "bn_recalibrated_images": self.bn_recalibrated_images,
                 "groups": {g.name: {"size": g.size, "kept": g.kept, "producers": list(g.producers)}
                            for g in self.groups}}
 
@@ -465,8 +478,11 @@ def restructure(model: nn.Module, plan: dict[str, Any]) -> None:
 # ---- the verb
 
 def prune_channels(model: nn.Module, config: ChannelPruneConfig, example: torch.Tensor | None = None,
-                   taylor_batches: Iterable[TaylorBatch] | None = None) -> ChannelPruneReport:
-    """Prune ``model``'s channels in place (see the module docstring); returns the report with its plan."""
+                   taylor_batches: Iterable[TaylorBatch] | None = None,
+                   bn_batches: Iterable | None = None) -> ChannelPruneReport:
+    """Prune ``model``'s channels in place (see the module docstring); returns the report with its plan.
+    ``bn_batches``: training batches to recalibrate BatchNorm on afterwards (when
+    ``config.recalibrate_bn`` > 0; a recipe passes ``recalibrate_bn`` of them)."""
     _check_plain(model)
     graph = analyze(model, example)
     modules = dict(model.named_modules())
@@ -485,11 +501,12 @@ def prune_channels(model: nn.Module, config: ChannelPruneConfig, example: torch.
     plan = removal_plan(groups, drops, modules)
     _check_plan(model, plan, example)
     restructure(model, plan)
+    seen = recalibrate_bn(model, bn_batches) if config.recalibrate_bn and bn_batches is not None else 0
     after = summarize(model, None if example is None else tuple(example[:1].shape))
     rows = tuple(GroupPrune(g.name, g.size, g.size - len(d), tuple(g.producers(modules)))
                  for g, d in zip(groups, drops))
     return ChannelPruneReport(config.criterion, config.scope, config.target, rows, before.macs, after.macs,
-                              before.params, after.params, plan, skipped)
+                              before.params, after.params, plan, skipped, seen)
 
 
 def _check_plain(model: nn.Module) -> None:
