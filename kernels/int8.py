@@ -156,6 +156,11 @@ def _per_channel(value, chans: int, name: str, dtype) -> np.ndarray:
 
 def _check_zero_point(name: str, zp, dtype) -> None:
     info = np.iinfo(dtype)
+    if np.ndim(zp) == 0:   # the usual scalar: no array reductions on the per-call path
+        if not info.min <= int(zp) <= info.max:
+            raise ConfigError(f"{name} must lie in the {np.dtype(dtype).name} range [{info.min}, {info.max}], "
+                              f"got {zp}")
+        return
     z = np.asarray(zp)
     if z.size and (z.min() < info.min or z.max() > info.max):
         raise ConfigError(f"{name} must lie in the {np.dtype(dtype).name} range [{info.min}, {info.max}], "
@@ -163,6 +168,8 @@ def _check_zero_point(name: str, zp, dtype) -> None:
 
 
 def _pair(v, name: str) -> tuple[int, int]:
+    if type(v) is int and v >= 1:   # the common case, without NumPy's per-call cost
+        return v, v
     t = (v, v) if np.ndim(v) == 0 else tuple(v)
     if len(t) != 2 or min(t) < 1:
         raise ConfigError(f"{name} must be a positive int or a pair of them, got {v!r}")
@@ -171,6 +178,8 @@ def _pair(v, name: str) -> tuple[int, int]:
 
 def _pads(padding) -> tuple[int, int, int, int]:
     """int | (ph, pw) | ONNX order (top, left, bottom, right) -> (top, left, bottom, right)."""
+    if type(padding) is int and padding >= 0:
+        return padding, padding, padding, padding
     t = (padding,) * 4 if np.ndim(padding) == 0 else tuple(padding)
     if len(t) == 2:
         t = (t[0], t[1], t[0], t[1])
@@ -597,12 +606,15 @@ class PackedConvWeights:
     weights when a session is created); pass it as ``w`` to ``conv2d_int8``.
 
     ``wt[g]`` (OCp, K) int8 and ``wsum[g]`` (OC/groups,) int64 per group; ``w`` is the original.
+    Depthwise weights (one input channel per group) are kept as ``taps`` (OC, KH*KW) int32 for
+    the direct depthwise kernel instead (``wt`` empty).
     """
 
     w: np.ndarray
     groups: int
     wt: tuple
     wsum: tuple
+    taps: np.ndarray | None = None
 
 
 def pack_conv_weights(w, groups: int = 1) -> PackedConvWeights:
@@ -612,6 +624,12 @@ def pack_conv_weights(w, groups: int = 1) -> PackedConvWeights:
     if w.ndim != 4 or groups < 1 or w.shape[0] % groups:
         raise ConfigError(f"pack_conv_weights needs w (OC, C/groups, KH, KW) with OC divisible by groups={groups}, "
                           f"got {w.shape}")
+    if w.shape[1] == 1 and groups > 1:
+        return PackedConvWeights(w, groups, (), (), w.reshape(w.shape[0], -1).astype(np.int32))
+    return _pack_quads(w, groups)
+
+
+def _pack_quads(w: np.ndarray, groups: int) -> PackedConvWeights:
     oc, icg, kh, kw = w.shape
     ocg = oc // groups
     ocp, cpad = -(-ocg // _OB) * _OB, -(-icg // 4) * 4
@@ -655,45 +673,205 @@ def _conv_vnni(x, packed: PackedConvWeights, geo, b32, x_zp, wzp, req, out) -> N
             _epilogue(acc, pl.ws, corr, zg, xsum, req[0][sel], req[1][sel], *req[2:], out[i, sel])
 
 
-@numba.njit(cache=True, parallel=True)
-def _depthwise_planes(x, nphase, plane, tap_phase, tap_off, w, x_zp, mult, ws, bias, req_m, req_s, out_zp, qmin,
-                      qmax, requant, out):
-    """Depthwise conv of one image on its phase planes: w (OC, taps) int32 = w - w_zp, OC = mult * C.
+# --------------------------------------------------------------------------- depthwise
 
-    One output channel per task: every tap adds ``(x - x_zp) * w`` over all output pixels at
-    once (flat index oh * ws + ow, one long contiguous loop that LLVM vectorises; padded taps
-    hold x_zp and add nothing), then the valid columns are requantised straight into ``out``.
+_I8, _I64 = ir.IntType(8), ir.IntType(64)
+_DW_LANES, _DW_PV = 16, 4
+_DW_PX = _DW_LANES * _DW_PV  # output pixels per depthwise tile
+
+
+def _splat_n(builder, value, lanes: int):
+    """Scalar ``value`` broadcast to a vector of ``lanes`` of its type."""
+    vty = ir.VectorType(value.type, lanes)
+    undef = ir.Constant(vty, ir.Undefined)
+    one = builder.insert_element(undef, value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
+
+
+def requantize_ir(builder, acc, m, right, mask, half, zp, qmin, qmax):
+    """``_requant_right`` + zero point + clamp on a vector of int32 accumulators, in LLVM IR
+    (all scalars i32): SaturatingRoundingDoublingHighMul in i64 lanes from sign-extended
+    operands (so LLVM emits VPMULDQ), RoundingDivideByPOT in i32 lanes."""
+    n = acc.type.count
+    i64v = ir.VectorType(_I64, n)
+    prod = builder.mul(builder.sext(acc, i64v), _splat_n(builder, builder.sext(m, _I64), n))
+    neg = builder.icmp_signed("<", prod, ir.Constant(i64v, None))
+    nudge = builder.select(neg, ir.Constant(i64v, [1 - (1 << 30)] * n), ir.Constant(i64v, [1 << 30] * n))
+    hi = builder.trunc(builder.sdiv(builder.add(prod, nudge), ir.Constant(i64v, [1 << 31] * n)), acc.type)
+    below = builder.zext(builder.icmp_signed("<", hi, ir.Constant(acc.type, None)), acc.type)
+    round_up = builder.icmp_signed(">", builder.and_(hi, _splat_n(builder, mask, n)),
+                                   builder.add(_splat_n(builder, half, n), below))
+    res = builder.add(builder.ashr(hi, _splat_n(builder, right, n)), builder.zext(round_up, acc.type))
+    res = builder.add(res, _splat_n(builder, zp, n))
+    lo, up = _splat_n(builder, qmin, n), _splat_n(builder, qmax, n)
+    res = builder.select(builder.icmp_signed("<", res, lo), lo, res)
+    return builder.select(builder.icmp_signed(">", res, up), up, res)
+
+
+def depthwise_tile(step: int, fused: bool):
+    """A numba intrinsic for 64 output pixels of one depthwise channel.
+
+    ``tile(img, offs, w, out, p0, corr, rq)``: output pixel f (p0 <= f < p0 + 64) is
+    ``corr + sum_k img[offs[k] + step * f] * w[k]`` over the taps k, with ``img`` the channel's
+    padded image (int8 or uint8, extended to int32 lanes) and ``step`` the horizontal stride
+    (2: 32 bytes loaded and their even bytes kept). Four vectors of 16 int32 accumulators
+    stay in registers over all taps. ``fused``: requantised in registers with ``rq`` = (m,
+    right, mask, half, zp, qmin, qmax) and stored as bytes; else stored as int32.
     """
-    oc_n, oh_n, ow_n = out.shape
-    pixels = oh_n * ws
-    for oc in numba.prange(oc_n):
-        c = oc // mult
-        row = np.empty(pixels, np.int32)
-        b = np.int32(bias[oc])
-        for p in range(pixels):
-            row[p] = b
-        for t in range(tap_phase.shape[0]):
-            src = x[(c * nphase + tap_phase[t]) * plane + tap_off[t]:]
-            wv = np.int32(w[oc, t])
-            zc = np.int32(x_zp) * wv
-            for p in range(pixels):
-                row[p] += np.int32(src[p]) * wv - zc
-        for oh in range(oh_n):
-            _store_row(row[oh * ws:oh * ws + ow_n], 0, 0, row[:0], np.int64(req_m[oc]), np.int64(req_s[oc]), out_zp,
-                       qmin, qmax, requant, out[oc, oh])
+    lanes, pv = _DW_LANES, _DW_PV
+    vty = ir.VectorType(_I32, lanes)
+    bty = ir.VectorType(_I8, step * lanes)
+    pick = ir.Constant(ir.VectorType(_I32, lanes), [step * i for i in range(lanes)])
+
+    @intrinsic
+    def tile(typingctx, img, offs, w, out, p0, corr, rq):
+        sig = types.void(img, offs, w, out, types.intp, types.int32, rq)
+
+        def codegen(context, builder, signature, args):
+            xa, oa, wa, outa = (context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:4], args[:4]))
+            p0v = args[4]
+            signed = signature.args[0].dtype.signed
+            accs = [cgutils.alloca_once_value(builder, _splat(builder, args[5], vty)) for _ in range(pv)]
+            xbase = builder.gep(xa.data, [builder.mul(p0v, ir.Constant(p0v.type, step))])
+            with cgutils.for_range(builder, builder.extract_value(oa.shape, 0)) as loop:
+                k = loop.index
+                base = builder.gep(xbase, [builder.load(builder.gep(oa.data, [k]))])
+                wb = _splat(builder, builder.load(builder.gep(wa.data, [k])), vty)
+                for v in range(pv):
+                    ptr = builder.bitcast(builder.gep(base, [ir.Constant(_I64, step * lanes * v)]), bty.as_pointer())
+                    raw = builder.load(ptr, align=1)
+                    if step > 1:
+                        raw = builder.shuffle_vector(raw, ir.Constant(bty, ir.Undefined), pick)
+                    xv = builder.sext(raw, vty) if signed else builder.zext(raw, vty)
+                    builder.store(builder.add(builder.load(accs[v]), builder.mul(xv, wb)), accs[v])
+            row = builder.gep(outa.data, [p0v])
+            rq = [builder.extract_value(args[6], i) for i in range(7)]
+            for v in range(pv):
+                acc = builder.load(accs[v])
+                if fused:
+                    acc = builder.trunc(requantize_ir(builder, acc, *rq), ir.VectorType(_I8, lanes))
+                ptr = builder.bitcast(builder.gep(row, [ir.Constant(_I64, lanes * v)]), acc.type.as_pointer())
+                builder.store(acc, ptr, align=1 if fused else 4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
 
 
-def _conv_depthwise(x, w, geo, b32, x_zp, wzp, req, out) -> None:
-    """One input channel per group (OC = mult * C): a direct kernel on the phase planes."""
-    stride, dilation, pads, (oh, ow) = geo
-    n, c = x.shape[:2]
+@intrinsic
+def _copy(typingctx, dst, dst_off, src, src_off, n):
+    """``dst[dst_off:dst_off + n] = src[src_off:src_off + n]`` as one memcpy (no bounds checks)."""
+    sig = types.void(dst, types.intp, src, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        da = context.make_array(signature.args[0])(context, builder, args[0])
+        sa = context.make_array(signature.args[2])(context, builder, args[2])
+        size = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
+        cgutils.raw_memcpy(builder, builder.gep(da.data, [args[1]]), builder.gep(sa.data, [args[3]]), args[4], size)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_dw1, _dw2, _dw1_rq, _dw2_rq = (depthwise_tile(s, f) for f in (False, True) for s in (1, 2))
+
+
+@numba.njit(cache=True, inline="always")
+def _depthwise_channel(xc, img, pt, pl, pitch_in, step, pitch, padded, offs, wrow, corr, m, s, out_zp, qmin, qmax,
+                       requant, res, acc, out):
+    """One output channel: its input channel xc (H, W) copied into the padded image's interior,
+    tiles of 64 flat output pixels, the valid columns of each output row copied to out (OH, OW)."""
+    h, wd = xc.shape
+    oh_n, ow_n = out.shape
+    for r in range(h):
+        _copy(img, (r + pt) * pitch_in + pl, xc[r], 0, wd)
+    if requant and s <= 0:  # the usual case (real scale < 0.5): requantised in registers
+        mask = (np.int64(1) << -s) - 1
+        rq = (np.int32(m), np.int32(-s), np.int32(mask), np.int32(mask >> 1), np.int32(out_zp), np.int32(qmin),
+              np.int32(qmax))
+        for p0 in range(0, padded, _DW_PX):
+            if step == 1:
+                _dw1_rq(img, offs, wrow, res, p0, corr, rq)
+            else:
+                _dw2_rq(img, offs, wrow, res, p0, corr, rq)
+    else:
+        rq = (np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0))
+        for p0 in range(0, padded, _DW_PX):
+            if step == 1:
+                _dw1(img, offs, wrow, acc, p0, corr, rq)
+            else:
+                _dw2(img, offs, wrow, acc, p0, corr, rq)
+        _store_row(acc[:oh_n * pitch], 0, 0, acc[:0], np.int64(m), np.int64(s), out_zp, qmin, qmax, requant,
+                   res[:oh_n * pitch])
+    for oh in range(oh_n):
+        _copy(out[oh], 0, res, oh * pitch, ow_n)
+
+
+@numba.njit(cache=True, parallel=True)
+def _depthwise_direct(x, x_zp, pads, dilation, pitch_in, rows_in, step, pitch, w, kw, bias, n_chunks, req_m, req_s,
+                      out_zp, qmin, qmax, requant, out):
+    """Depthwise conv of one image x (C, H, W) into out (OC, OH, OW), OC = mult * C.
+
+    Output pixel (oh, ow) is the flat index f = oh * pitch + ow, and its tap k reads the channel's
+    padded image (rows_in x pitch_in, padding = x_zp) at step * f + offs[k]: contiguous for
+    step 1, every other byte for step 2, so no im2col and no stride-phase planes are built
+    (columns ow >= OW are computed and dropped). w (OC, KH*KW) int32 = w - w_zp (kw: KW);
+    each channel adds bias - x_zp * sum_k w[oc, k]. Parallel over ``n_chunks`` chunks of channels;
+    each chunk fills its padded image once (the padding never changes) and rewrites the interior
+    per channel.
+    """
+    c_n = x.shape[0]
+    oc_n, oh_n, _ = out.shape
+    mult = oc_n // c_n
+    taps = w.shape[1]
+    offs = np.empty(taps, np.int64)
+    for k in range(taps):
+        offs[k] = (k // kw) * dilation[0] * pitch_in + (k % kw) * dilation[1]
+    padded = -(-(oh_n * pitch) // _DW_PX) * _DW_PX
+    size = max(rows_in * pitch_in, offs.max() + step * padded)
+    n_chunks = min(oc_n, n_chunks)
+    for chunk in numba.prange(n_chunks):
+        img = np.empty(size, x.dtype)
+        fill = x.dtype.type(x_zp)
+        for i in range(size):
+            img[i] = fill
+        res = np.empty(padded, out.dtype)
+        acc = np.empty(padded, np.int32)
+        for oc in range(chunk * oc_n // n_chunks, (chunk + 1) * oc_n // n_chunks):
+            wrow = w[oc]
+            corr = np.int64(bias[oc])
+            for k in range(taps):
+                corr -= np.int64(x_zp) * wrow[k]
+            _depthwise_channel(x[oc // mult], img, pads[0], pads[1], pitch_in, step, pitch, padded, offs, wrow,
+                               np.int32(corr), np.int64(req_m[oc]), np.int64(req_s[oc]), out_zp, qmin, qmax,
+                               requant, res, acc, out[oc])
+
+
+def _depthwise_pitch(stride, pads, wd: int) -> int | None:
+    """The output row pitch of the direct depthwise kernel, or None when the stride has no such
+    layout (horizontal stride > 2, or sh * Wp not a multiple of sw)."""
+    (sh, sw), (_, pl, _, pr) = stride, pads
+    wp = wd + pl + pr
+    if sw > 2 or (sh * wp) % sw:
+        return None
+    return sh * wp // sw
+
+
+def _conv_depthwise(x, w, geo, b32, x_zp, wzp, req, out, taps=None) -> None:
+    """One input channel per group (OC = mult * C) through the direct kernel above (the caller
+    checked ``_depthwise_pitch``); ``taps``: w as (OC, KH*KW) int32 when packed beforehand."""
+    stride, dilation, pads, _ = geo
+    n, _, h, wd = x.shape
     oc, _, kh, kw = w.shape
-    w32 = (w.reshape(oc, kh * kw).astype(np.int32) - wzp[:, None]).astype(np.int32)
-    fill = np.full(c, x_zp, x.dtype)
+    w32 = w.reshape(oc, kh * kw).astype(np.int32) if taps is None else taps
+    if wzp is not None:
+        w32 = w32 - wzp[:, None]
+    pitch_in = wd + pads[1] + pads[3]
+    chunks = 4 * numba.get_num_threads()
     for i in range(n):
-        pl = Planes(x[i], fill, kh, kw, stride, dilation, pads, (oh, ow), 1)
-        _depthwise_planes(pl.x, stride[0] * stride[1], pl.hs * pl.ws, pl.tap_phase, pl.tap_off, w32, np.int32(x_zp),
-                          oc // c, pl.ws, b32, *req, out[i])
+        _depthwise_direct(x[i], x_zp, pads, dilation, pitch_in, h + pads[0] + pads[2], stride[1],
+                          _depthwise_pitch(stride, pads, wd), w32, kw, b32, chunks, *req, out[i])
 
 
 def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dilation=1, groups: int = 1,
@@ -732,12 +910,14 @@ def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dil
     b32 = np.zeros(oc, np.int32) if bias is None else _per_channel(bias, oc, "bias", np.int32)
     wzp = _per_channel(w_zp, oc, "w_zp", np.int32)
     _check_zero_point("x_zp", x_zp, x.dtype)
-    _check_zero_point("w_zp", wzp, w.dtype)
+    _check_zero_point("w_zp", w_zp if np.ndim(w_zp) == 0 else wzp, w.dtype)
     requant = multiplier is not None
     if requant and shift is None:
         raise ConfigError("requantised conv needs both multiplier and shift (from quantize_multiplier)")
     depthwise = icg == 1
-    if not (depthwise or USE_VNNI):
+    # depthwise: the direct kernel; at a horizontal stride > 2 the grouped GEMM or the portable kernel
+    direct_dw = depthwise and _depthwise_pitch((sh, sw), (pt, pl, pb, pr), wd) is not None
+    if not (direct_dw or USE_VNNI):
         acc = np.empty((n, oc, oh, ow), dtype=np.int32)
         _conv_i32(_padded_nhwc(x, x_zp, (pt, pl, pb, pr)), _weights_ohwi(w, wzp), b32, sh, sw, dh, dw, groups, acc)
         if not requant:
@@ -753,10 +933,12 @@ def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dil
     req = (mult, shf, np.int64(out_zp), np.int64(qmin), np.int64(qmax), requant)
     out = np.empty((n, oc, oh, ow), dtype=out_dtype if requant else np.int32)
     geo = ((sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow))
-    if depthwise:
-        _conv_depthwise(x, w, geo, b32, int(x_zp), wzp, req, out)
+    if direct_dw:
+        wz = None if np.ndim(w_zp) == 0 and int(w_zp) == 0 else wzp   # usually symmetric: no correction
+        _conv_depthwise(x, w, geo, b32, int(x_zp), wz, req, out, None if packed is None else packed.taps)
     else:
-        _conv_vnni(x, packed or pack_conv_weights(w, groups), geo, b32, int(x_zp), wzp, req, out)
+        _conv_vnni(x, packed if packed is not None and packed.wt else _pack_quads(w, groups), geo, b32, int(x_zp),
+                   wzp, req, out)
     return out
 
 
