@@ -213,6 +213,29 @@ def _splat(builder, value, vec_ty):
     return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, vec_ty.count), [0] * vec_ty.count))
 
 
+_I8, _I64 = ir.IntType(8), ir.IntType(64)
+
+
+def requantize_ir(builder, acc, m, right, mask, half, zp, qmin, qmax):
+    """``_requant_right`` + zero point + clamp on a vector of int32 accumulators, in LLVM IR
+    (all scalars i32, m >= 0): SaturatingRoundingDoublingHighMul as ``(v * m + 2**30) >> 31``
+    in i64 lanes from sign-extended operands (VPMULDQ; see ``_requant_right`` for why this is
+    exact), RoundingDivideByPOT in i32 lanes."""
+    n = acc.type.count
+    i64v = ir.VectorType(_I64, n)
+    prod = builder.mul(builder.sext(acc, i64v), _splat(builder, builder.sext(m, _I64), i64v))
+    hi = builder.trunc(builder.ashr(builder.add(prod, ir.Constant(i64v, [1 << 30] * n)), ir.Constant(i64v, [31] * n)),
+                       acc.type)
+    below = builder.zext(builder.icmp_signed("<", hi, ir.Constant(acc.type, None)), acc.type)
+    round_up = builder.icmp_signed(">", builder.and_(hi, _splat(builder, mask, acc.type)),
+                                   builder.add(_splat(builder, half, acc.type), below))
+    res = builder.add(builder.ashr(hi, _splat(builder, right, acc.type)), builder.zext(round_up, acc.type))
+    res = builder.add(res, _splat(builder, zp, acc.type))
+    lo, up = _splat(builder, qmin, acc.type), _splat(builder, qmax, acc.type)
+    res = builder.select(builder.icmp_signed("<", res, lo), lo, res)
+    return builder.select(builder.icmp_signed(">", res, up), up, res)
+
+
 def tile_intrinsic(lanes: int, elem_bits: int, ob: int, pv: int, accumulate, finish):
     """A numba intrinsic computing one output tile of ``ob`` channels x ``pv * lanes`` pixels.
 
@@ -338,6 +361,15 @@ def _fill_quad_planes(x, fill, pt, pl, sh, sw, hs, ws, out):
     """_fill_planes for bytes (C, H, W), C % 4 == 0, packed 4 channels to an int32 word (channel
     4j + t in byte t of word j); built as whole words so the inner loop vectorises."""
     c, h, wd = x.shape
+    if sh == sw == 1 and pt == pl == 0 and hs == h and ws == wd:  # unpadded (1x1 convs): one flat run per word
+        xf = x.reshape(c, h * wd)
+        n = h * wd
+        for cq in range(c // 4):
+            x0, x1, x2, x3, dst = xf[4 * cq], xf[4 * cq + 1], xf[4 * cq + 2], xf[4 * cq + 3], out[cq * n:(cq + 1) * n]
+            for i in range(n):
+                dst[i] = (np.uint32(x0[i]) | (np.uint32(x1[i]) << 8) | (np.uint32(x2[i]) << 16)
+                          | (np.uint32(x3[i]) << 24))
+        return
     for cq in range(c // 4):
         f = fill[cq]
         c4 = 4 * cq
@@ -532,11 +564,13 @@ def _requant_lanes(v, m, left, right, mask, half):
 @numba.njit(cache=True, inline="always")
 def _requant_right(v, m, right, mask, half):
     """_requant_lanes for shift <= 0 (real scale < 0.5, the usual case): no left shift, and
-    the roundings written as shifts and masks (about half the time of the general form)."""
-    ab = v * m
-    neg = np.int64(ab < 0)
-    t = ab + (1 << 30) - (neg << 31) + neg  # nudge: 2**30, or 1 - 2**30 below zero
-    hi = (t + ((t >> 63) & ((1 << 31) - 1))) >> 31  # t / 2**31 truncated toward zero
+    the roundings written as shifts and masks (about half the time of the general form).
+
+    SRDHM is ``(ab + nudge) / 2**31`` truncated toward zero, nudge 2**30 (ab >= 0) or
+    1 - 2**30 (ab < 0). Below zero, truncation is ``(t + 2**31 - 1) >> 31`` (floor), and
+    1 - 2**30 + 2**31 - 1 = 2**30: so both signs are ``(ab + 2**30) >> 31``, one add and one
+    arithmetic shift (tested bit for bit against ``_srdhm``)."""
+    hi = (v * m + (1 << 30)) >> 31
     return (hi >> right) + np.int64((hi & mask) > half + ((hi >> 63) & 1))
 
 
@@ -564,15 +598,60 @@ def _store_row(row, corr, z, xs, m, s, out_zp, qmin, qmax, requant, dst):
             dst[i] = min(max(_requant_lanes(v, m, left, right, mask, half) + out_zp, qmin), qmax)
 
 
+@intrinsic
+def _requant16(typingctx, src, src_off, corr, rq, dst, dst_off):
+    """dst[dst_off:+16] = requantize_ir(src[src_off:+16] + corr) as bytes (no bounds checks)."""
+    sig = types.void(src, types.intp, types.int32, rq, dst, types.intp)
+
+    def codegen(context, builder, signature, args):
+        sa = context.make_array(signature.args[0])(context, builder, args[0])
+        da = context.make_array(signature.args[4])(context, builder, args[4])
+        vty = ir.VectorType(_I32, 16)
+        ptr = builder.bitcast(builder.gep(sa.data, [args[1]]), vty.as_pointer())
+        v = builder.add(builder.load(ptr, align=4), _splat(builder, args[2], vty))
+        rq = [builder.extract_value(args[3], i) for i in range(7)]
+        res = builder.trunc(requantize_ir(builder, v, *rq), ir.VectorType(_I8, 16))
+        builder.store(res, builder.bitcast(builder.gep(da.data, [args[5]]), res.type.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @numba.njit(cache=True, parallel=True)
 def _epilogue(acc, ws, corr, wz, xsum, mult, shift, out_zp, qmin, qmax, requant, out):
     """out[oc, oh, ow] = acc[oc, oh*ws + ow] + corr[oc] - wz[oc] * xsum[.] in int32, then optionally
-    requantised. Overwrites acc's rows in place when wz[oc] != 0."""
+    requantised. Overwrites acc's rows in place when wz[oc] != 0. The usual channel (requantised,
+    shift <= 0, wz 0) goes 16 outputs at a time through ``_requant16``; rows that do not fill a
+    vector, and the other cases, through ``_store_row``."""
     oc_n, oh_n, ow_n = out.shape
+    flat = ws == ow_n
     for oc in numba.prange(oc_n):
+        s = np.int64(shift[oc])
+        if requant and s <= 0 and wz[oc] == 0 and -(2**31) <= corr[oc] < 2**31:
+            mask = (np.int64(1) << -s) - 1
+            rq = (np.int32(mult[oc]), np.int32(-s), np.int32(mask), np.int32(mask >> 1), np.int32(out_zp),
+                  np.int32(qmin), np.int32(qmax))
+            c32 = np.int32(corr[oc])
+            row, dst = acc[oc], out[oc]
+            if flat:   # rows back to back in both: one run over the whole channel
+                n = oh_n * ow_n
+                body = n - n % 16
+                d = dst.reshape(n)
+                for p in range(0, body, 16):
+                    _requant16(row, p, c32, rq, d, p)
+                _store_row(row[body:n], corr[oc], 0, xsum[:0], np.int64(mult[oc]), s, out_zp, qmin, qmax, True,
+                           d[body:n])
+            else:
+                body = ow_n - ow_n % 16
+                for oh in range(oh_n):
+                    for p in range(0, body, 16):
+                        _requant16(row, oh * ws + p, c32, rq, dst[oh], p)
+                    _store_row(row[oh * ws + body:oh * ws + ow_n], corr[oc], 0, xsum[:0], np.int64(mult[oc]), s,
+                               out_zp, qmin, qmax, True, dst[oh, body:])
+            continue
         for oh in range(oh_n):
             _store_row(acc[oc, oh * ws:oh * ws + ow_n], corr[oc], wz[oc], xsum[oh * ws:oh * ws + ow_n],
-                       np.int64(mult[oc]), np.int64(shift[oc]), out_zp, qmin, qmax, requant, out[oc, oh])
+                       np.int64(mult[oc]), s, out_zp, qmin, qmax, requant, out[oc, oh])
 
 
 def _as_uint8(x: np.ndarray, x_zp: int) -> tuple[np.ndarray, int]:
@@ -675,37 +754,8 @@ def _conv_vnni(x, packed: PackedConvWeights, geo, b32, x_zp, wzp, req, out) -> N
 
 # --------------------------------------------------------------------------- depthwise
 
-_I8, _I64 = ir.IntType(8), ir.IntType(64)
 _DW_LANES, _DW_PV = 16, 4
 _DW_PX = _DW_LANES * _DW_PV  # output pixels per depthwise tile
-
-
-def _splat_n(builder, value, lanes: int):
-    """Scalar ``value`` broadcast to a vector of ``lanes`` of its type."""
-    vty = ir.VectorType(value.type, lanes)
-    undef = ir.Constant(vty, ir.Undefined)
-    one = builder.insert_element(undef, value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes))
-
-
-def requantize_ir(builder, acc, m, right, mask, half, zp, qmin, qmax):
-    """``_requant_right`` + zero point + clamp on a vector of int32 accumulators, in LLVM IR
-    (all scalars i32): SaturatingRoundingDoublingHighMul in i64 lanes from sign-extended
-    operands (so LLVM emits VPMULDQ), RoundingDivideByPOT in i32 lanes."""
-    n = acc.type.count
-    i64v = ir.VectorType(_I64, n)
-    prod = builder.mul(builder.sext(acc, i64v), _splat_n(builder, builder.sext(m, _I64), n))
-    neg = builder.icmp_signed("<", prod, ir.Constant(i64v, None))
-    nudge = builder.select(neg, ir.Constant(i64v, [1 - (1 << 30)] * n), ir.Constant(i64v, [1 << 30] * n))
-    hi = builder.trunc(builder.sdiv(builder.add(prod, nudge), ir.Constant(i64v, [1 << 31] * n)), acc.type)
-    below = builder.zext(builder.icmp_signed("<", hi, ir.Constant(acc.type, None)), acc.type)
-    round_up = builder.icmp_signed(">", builder.and_(hi, _splat_n(builder, mask, n)),
-                                   builder.add(_splat_n(builder, half, n), below))
-    res = builder.add(builder.ashr(hi, _splat_n(builder, right, n)), builder.zext(round_up, acc.type))
-    res = builder.add(res, _splat_n(builder, zp, n))
-    lo, up = _splat_n(builder, qmin, n), _splat_n(builder, qmax, n)
-    res = builder.select(builder.icmp_signed("<", res, lo), lo, res)
-    return builder.select(builder.icmp_signed(">", res, up), up, res)
 
 
 def depthwise_tile(step: int, fused: bool):

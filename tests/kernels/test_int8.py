@@ -17,7 +17,10 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba")
 
+import numba  # noqa: E402
+
 from edge_compress.errors import ConfigError  # noqa: E402
+from edge_compress.kernels import int8  # noqa: E402
 from edge_compress.kernels.int8 import (  # noqa: E402
     conv2d_int8,
     gemm_s8s8_s32,
@@ -226,6 +229,42 @@ def test_requantize_matches_gemmlowp_and_float(chans, log_scale, out_signed, see
     # A left shift that saturates int32 is the one place fixed point departs from float.
     fits = np.abs(acc.astype(np.float64) * 2.0 ** np.maximum(shift, 0)) < 2**31
     assert np.all(np.abs(got.astype(np.float64) - ref_float)[fits] <= 1)
+
+
+@numba.njit(cache=False)
+def _vector_requant(acc, corr, m, right, zp, qmin, qmax, out):
+    """The fused epilogue's two paths on one row: 16-lane IR tiles, and ``_store_row``'s loop."""
+    mask = (np.int64(1) << right) - 1
+    rq = (np.int32(m), np.int32(right), np.int32(mask), np.int32(mask >> 1), np.int32(zp), np.int32(qmin),
+          np.int32(qmax))
+    n = acc.shape[0]
+    for p in range(0, n - n % 16, 16):
+        int8._requant16(acc, p, np.int32(corr), rq, out[0], p)
+    int8._store_row(acc.copy(), corr, 0, acc[:0].astype(np.int64), np.int64(m), np.int64(-right), np.int64(zp),
+                    np.int64(qmin), np.int64(qmax), True, out[1])
+
+
+@SETTINGS
+@given(log_scale=st.floats(-31, -1.01) | st.integers(-31, -2).map(float), out_signed=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_vector_requantisation_paths_are_gemmlowp_exact(log_scale, out_signed, seed):
+    """(ab + 2**30) >> 31 replaces SRDHM's sign-dependent nudge and truncation in both vector paths."""
+    rng = np.random.default_rng(seed)
+    (m,), (shift,) = quantize_multiplier([2.0 ** log_scale])
+    out_dt = np.int8 if out_signed else np.uint8
+    lo, hi = int(np.iinfo(out_dt).min), int(np.iinfo(out_dt).max)
+    zp = int(rng.integers(lo, hi + 1))
+    corr = int(rng.integers(-2**20, 2**20))
+    acc = rng.integers(I32_MIN, I32_MAX, 64, endpoint=True)
+    acc = (acc >> rng.integers(0, 31, 64)).astype(np.int64) - corr
+    acc[:4] = [I32_MIN - min(corr, 0), I32_MAX - max(corr, 0), -1 - corr, -corr]
+    acc[4:12] = np.array([-7, -5, -3, -1, 1, 3, 5, 7]) * 2 ** int(rng.integers(0, 8)) - corr  # rounding ties
+    acc = np.clip(acc, I32_MIN - min(corr, 0), I32_MAX - max(corr, 0)).astype(np.int32)  # acc + corr fits int32
+    out = np.empty((2, 64), out_dt)
+    _vector_requant(acc, corr, int(m), -int(shift), zp, lo, hi, out)
+    want = ref_requantize(acc.astype(np.int64) + corr, m, shift, zp, lo, hi)
+    np.testing.assert_array_equal(out[0], want)
+    np.testing.assert_array_equal(out[1], want)
 
 
 def test_requantize_along_channel_axis_and_fused_relu6():
