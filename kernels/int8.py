@@ -755,27 +755,42 @@ def _conv_vnni(x, packed: PackedConvWeights, geo, b32, x_zp, wzp, req, out) -> N
 # --------------------------------------------------------------------------- depthwise
 
 _DW_LANES, _DW_PV = 16, 4
-_DW_PX = _DW_LANES * _DW_PV  # output pixels per depthwise tile
+_DW_PX = _DW_LANES * _DW_PV  # output pixels per wide depthwise tile
 
 
-def depthwise_tile(step: int, fused: bool):
-    """A numba intrinsic for 64 output pixels of one depthwise channel.
+def _masked_store(builder, value, ptr, n_valid, first_lane: int) -> None:
+    """Store lanes i of ``value`` with ``first_lane + i < n_valid`` (llvm.masked.store: one
+    AVX-512 masked move; LLVM expands it elsewhere). Nothing past a row's end is touched."""
+    n = value.type.count
+    i64v = ir.VectorType(_I64, n)
+    lanes = ir.Constant(i64v, [first_lane + i for i in range(n)])
+    mask = builder.icmp_unsigned("<", lanes, _splat(builder, n_valid, i64v))
+    elem = value.type.element
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [value.type, value.type.as_pointer(), _I32, mask.type]),
+        f"llvm.masked.store.v{n}i{elem.width}.p0")
+    builder.call(fn, [value, builder.bitcast(ptr, value.type.as_pointer()), ir.Constant(_I32, 1), mask])
 
-    ``tile(img, offs, w, out, p0, corr, rq)``: output pixel f (p0 <= f < p0 + 64) is
-    ``corr + sum_k img[offs[k] + step * f] * w[k]`` over the taps k, with ``img`` the channel's
-    padded image (int8 or uint8, extended to int32 lanes) and ``step`` the horizontal stride
-    (2: 32 bytes loaded and their even bytes kept). Four vectors of 16 int32 accumulators
-    stay in registers over all taps. ``fused``: requantised in registers with ``rq`` = (m,
-    right, mask, half, zp, qmin, qmax) and stored as bytes; else stored as int32.
+
+def depthwise_tile(step: int, fused: bool, pv: int):
+    """A numba intrinsic for up to ``16 * pv`` consecutive output pixels of one depthwise channel.
+
+    ``tile(img, offs, w, out, p0, corr, rq, o0, n)``: output pixel i < min(16 * pv, n) is
+    ``corr + sum_k img[offs[k] + step * (p0 + i)] * w[k]`` over the taps k, stored at
+    ``out[o0 + i]`` (masked: nothing at or past n). ``img`` is the channel's padded image (int8 or
+    uint8, widened to int32 lanes); ``step`` the horizontal stride (2: 32 bytes loaded as 16
+    words, each word's low byte kept). ``pv`` vectors of 16 int32 accumulators stay in
+    registers over all taps. ``fused``: requantised in registers with ``rq`` = (m, right, mask,
+    half, zp, qmin, qmax) and stored as bytes; else the int32 accumulators are stored.
     """
-    lanes, pv = _DW_LANES, _DW_PV
+    lanes = _DW_LANES
     vty = ir.VectorType(_I32, lanes)
-    bty = ir.VectorType(_I8, step * lanes)
-    pick = ir.Constant(ir.VectorType(_I32, lanes), [step * i for i in range(lanes)])
+    # step 2: 16 little-endian i16 words whose low bytes are the even pixels (one widening, one mask)
+    bty = ir.VectorType(_I8 if step == 1 else ir.IntType(16), lanes)
 
     @intrinsic
-    def tile(typingctx, img, offs, w, out, p0, corr, rq):
-        sig = types.void(img, offs, w, out, types.intp, types.int32, rq)
+    def tile(typingctx, img, offs, w, out, p0, corr, rq, o0, n):
+        sig = types.void(img, offs, w, out, types.intp, types.int32, rq, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
             xa, oa, wa, outa = (context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:4], args[:4]))
@@ -783,6 +798,7 @@ def depthwise_tile(step: int, fused: bool):
             signed = signature.args[0].dtype.signed
             accs = [cgutils.alloca_once_value(builder, _splat(builder, args[5], vty)) for _ in range(pv)]
             xbase = builder.gep(xa.data, [builder.mul(p0v, ir.Constant(p0v.type, step))])
+            c24, c255 = ir.Constant(vty, [24] * lanes), ir.Constant(vty, [255] * lanes)
             with cgutils.for_range(builder, builder.extract_value(oa.shape, 0)) as loop:
                 k = loop.index
                 base = builder.gep(xbase, [builder.load(builder.gep(oa.data, [k]))])
@@ -790,18 +806,20 @@ def depthwise_tile(step: int, fused: bool):
                 for v in range(pv):
                     ptr = builder.bitcast(builder.gep(base, [ir.Constant(_I64, step * lanes * v)]), bty.as_pointer())
                     raw = builder.load(ptr, align=1)
-                    if step > 1:
-                        raw = builder.shuffle_vector(raw, ir.Constant(bty, ir.Undefined), pick)
-                    xv = builder.sext(raw, vty) if signed else builder.zext(raw, vty)
+                    if step == 1:
+                        xv = builder.sext(raw, vty) if signed else builder.zext(raw, vty)
+                    elif signed:   # the low byte, sign-extended: << 24 then >> 24
+                        xv = builder.ashr(builder.shl(builder.zext(raw, vty), c24), c24)
+                    else:
+                        xv = builder.and_(builder.zext(raw, vty), c255)
                     builder.store(builder.add(builder.load(accs[v]), builder.mul(xv, wb)), accs[v])
-            row = builder.gep(outa.data, [p0v])
+            row = builder.gep(outa.data, [args[7]])
             rq = [builder.extract_value(args[6], i) for i in range(7)]
             for v in range(pv):
                 acc = builder.load(accs[v])
                 if fused:
                     acc = builder.trunc(requantize_ir(builder, acc, *rq), ir.VectorType(_I8, lanes))
-                ptr = builder.bitcast(builder.gep(row, [ir.Constant(_I64, lanes * v)]), acc.type.as_pointer())
-                builder.store(acc, ptr, align=1 if fused else 4)
+                _masked_store(builder, acc, builder.gep(row, [ir.Constant(_I64, lanes * v)]), args[8], lanes * v)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -810,52 +828,95 @@ def depthwise_tile(step: int, fused: bool):
 
 
 @intrinsic
-def _copy(typingctx, dst, dst_off, src, src_off, n):
-    """``dst[dst_off:dst_off + n] = src[src_off:src_off + n]`` as one memcpy (no bounds checks)."""
-    sig = types.void(dst, types.intp, src, types.intp, types.intp)
+def _copy16(typingctx, dst, dst_off, src, src_off):
+    """``dst[dst_off:dst_off + 16] = src[src_off:src_off + 16]`` as one unaligned vector load and
+    store of 16 elements (same dtype; no bounds checks)."""
+    sig = types.void(dst, types.intp, src, types.intp)
 
     def codegen(context, builder, signature, args):
         da = context.make_array(signature.args[0])(context, builder, args[0])
         sa = context.make_array(signature.args[2])(context, builder, args[2])
-        size = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
-        cgutils.raw_memcpy(builder, builder.gep(da.data, [args[1]]), builder.gep(sa.data, [args[3]]), args[4], size)
+        vty = ir.VectorType(context.get_data_type(signature.args[0].dtype), 16).as_pointer()
+        v = builder.load(builder.bitcast(builder.gep(sa.data, [args[3]]), vty), align=1)
+        builder.store(v, builder.bitcast(builder.gep(da.data, [args[1]]), vty), align=1)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
-_dw1, _dw2, _dw1_rq, _dw2_rq = (depthwise_tile(s, f) for f in (False, True) for s in (1, 2))
+@numba.njit(cache=True, inline="always")
+def _copy_row(dst, dst_off, src, src_off, n):
+    """``dst[dst_off:+n] = src[src_off:+n]``: 16-element vectors, the last one overlapping the one
+    before (rows are short: a libc memcpy call per row costs more than the copy); an element
+    loop below 16."""
+    if n < 16:
+        for i in range(n):
+            dst[dst_off + i] = src[src_off + i]
+        return
+    for i in range(0, n - 16, 16):
+        _copy16(dst, dst_off + i, src, src_off + i)
+    _copy16(dst, dst_off + n - 16, src, src_off + n - 16)
+
+
+# (step, fused): the 64-pixel and the 16-pixel tile
+_DW = {(s, f): (depthwise_tile(s, f, _DW_PV), depthwise_tile(s, f, 1)) for s in (1, 2) for f in (False, True)}
+_dw1, _dw1_16 = _DW[1, False]
+_dw2, _dw2_16 = _DW[2, False]
+_dw1_rq, _dw1_rq_16 = _DW[1, True]
+_dw2_rq, _dw2_rq_16 = _DW[2, True]
 
 
 @numba.njit(cache=True, inline="always")
-def _depthwise_channel(xc, img, pt, pl, pitch_in, step, pitch, padded, offs, wrow, corr, m, s, out_zp, qmin, qmax,
-                       requant, res, acc, out):
+def _depthwise_rows(img, offs, wrow, dst, corr, rq, step, fused, pitch, oh_n, ow_n):
+    """Every output row of one channel into dst (OH * OW, flat): 64-pixel tiles while 64 columns
+    remain, then 16-pixel tiles, the last one masked at the row's end."""
+    for oh in range(oh_n):
+        j = 0
+        while j < ow_n:
+            p0, o0, n = oh * pitch + j, oh * ow_n + j, ow_n - j
+            if n >= _DW_PX:
+                if step == 1:
+                    if fused:
+                        _dw1_rq(img, offs, wrow, dst, p0, corr, rq, o0, n)
+                    else:
+                        _dw1(img, offs, wrow, dst, p0, corr, rq, o0, n)
+                elif fused:
+                    _dw2_rq(img, offs, wrow, dst, p0, corr, rq, o0, n)
+                else:
+                    _dw2(img, offs, wrow, dst, p0, corr, rq, o0, n)
+                j += _DW_PX
+            else:
+                if step == 1:
+                    if fused:
+                        _dw1_rq_16(img, offs, wrow, dst, p0, corr, rq, o0, n)
+                    else:
+                        _dw1_16(img, offs, wrow, dst, p0, corr, rq, o0, n)
+                elif fused:
+                    _dw2_rq_16(img, offs, wrow, dst, p0, corr, rq, o0, n)
+                else:
+                    _dw2_16(img, offs, wrow, dst, p0, corr, rq, o0, n)
+                j += _DW_LANES
+
+
+@numba.njit(cache=True, inline="always")
+def _depthwise_channel(xc, img, pt, pl, pitch_in, step, pitch, offs, wrow, corr, m, s, out_zp, qmin, qmax, requant,
+                       oh_n, ow_n, acc, out):
     """One output channel: its input channel xc (H, W) copied into the padded image's interior,
-    tiles of 64 flat output pixels, the valid columns of each output row copied to out (OH, OW)."""
+    then its rows (``_depthwise_rows``) straight into out (OH * OW, flat), requantised in
+    registers; through the int32 accumulators acc and ``_store_row`` when the shift is positive
+    or the output is int32."""
     h, wd = xc.shape
-    oh_n, ow_n = out.shape
     for r in range(h):
-        _copy(img, (r + pt) * pitch_in + pl, xc[r], 0, wd)
-    if requant and s <= 0:  # the usual case (real scale < 0.5): requantised in registers
+        _copy_row(img, (r + pt) * pitch_in + pl, xc[r], 0, wd)
+    if requant and s <= 0:  # the usual case (real scale < 0.5)
         mask = (np.int64(1) << -s) - 1
         rq = (np.int32(m), np.int32(-s), np.int32(mask), np.int32(mask >> 1), np.int32(out_zp), np.int32(qmin),
               np.int32(qmax))
-        for p0 in range(0, padded, _DW_PX):
-            if step == 1:
-                _dw1_rq(img, offs, wrow, res, p0, corr, rq)
-            else:
-                _dw2_rq(img, offs, wrow, res, p0, corr, rq)
+        _depthwise_rows(img, offs, wrow, out, corr, rq, step, True, pitch, oh_n, ow_n)
     else:
         rq = (np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0))
-        for p0 in range(0, padded, _DW_PX):
-            if step == 1:
-                _dw1(img, offs, wrow, acc, p0, corr, rq)
-            else:
-                _dw2(img, offs, wrow, acc, p0, corr, rq)
-        _store_row(acc[:oh_n * pitch], 0, 0, acc[:0], np.int64(m), np.int64(s), out_zp, qmin, qmax, requant,
-                   res[:oh_n * pitch])
-    for oh in range(oh_n):
-        _copy(out[oh], 0, res, oh * pitch, ow_n)
+        _depthwise_rows(img, offs, wrow, acc, corr, rq, step, False, pitch, oh_n, ow_n)
+        _store_row(acc, 0, 0, acc[:0], m, s, out_zp, qmin, qmax, requant, out)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -863,39 +924,38 @@ def _depthwise_direct(x, x_zp, pads, dilation, pitch_in, rows_in, step, pitch, w
                       out_zp, qmin, qmax, requant, out):
     """Depthwise conv of one image x (C, H, W) into out (OC, OH, OW), OC = mult * C.
 
-    Output pixel (oh, ow) is the flat index f = oh * pitch + ow, and its tap k reads the channel's
-    padded image (rows_in x pitch_in, padding = x_zp) at step * f + offs[k]: contiguous for
-    step 1, every other byte for step 2, so no im2col and no stride-phase planes are built
-    (columns ow >= OW are computed and dropped). w (OC, KH*KW) int32 = w - w_zp (kw: KW);
-    each channel adds bias - x_zp * sum_k w[oc, k]. Parallel over ``n_chunks`` chunks of channels;
-    each chunk fills its padded image once (the padding never changes) and rewrites the interior
-    per channel.
+    Output pixel (oh, ow) has the flat input index f = oh * pitch + ow, and its tap k reads the
+    channel's padded image (rows_in x pitch_in, padding = x_zp) at step * f + offs[k]:
+    contiguous for step 1, every other byte for step 2, so no im2col and no stride-phase
+    planes are built. w (OC, KH*KW) int32 = w - w_zp (kw: KW); each channel adds
+    bias - x_zp * sum_k w[oc, k]. Parallel over ``n_chunks`` chunks of channels; each chunk fills
+    its padded image once (the padding never changes) and rewrites the interior per channel.
     """
     c_n = x.shape[0]
-    oc_n, oh_n, _ = out.shape
+    oc_n, oh_n, ow_n = out.shape
     mult = oc_n // c_n
     taps = w.shape[1]
     offs = np.empty(taps, np.int64)
     for k in range(taps):
         offs[k] = (k // kw) * dilation[0] * pitch_in + (k % kw) * dilation[1]
-    padded = -(-(oh_n * pitch) // _DW_PX) * _DW_PX
-    size = max(rows_in * pitch_in, offs.max() + step * padded)
+    # the last tile of a row reads up to 16 pixels past its end
+    size = max(rows_in * pitch_in, offs.max() + step * (oh_n * pitch + _DW_PX))
     n_chunks = min(oc_n, n_chunks)
+    flat = out.reshape(oc_n, oh_n * ow_n)
     for chunk in numba.prange(n_chunks):
         img = np.empty(size, x.dtype)
         fill = x.dtype.type(x_zp)
         for i in range(size):
             img[i] = fill
-        res = np.empty(padded, out.dtype)
-        acc = np.empty(padded, np.int32)
+        acc = np.empty(oh_n * ow_n, np.int32)
         for oc in range(chunk * oc_n // n_chunks, (chunk + 1) * oc_n // n_chunks):
             wrow = w[oc]
             corr = np.int64(bias[oc])
             for k in range(taps):
                 corr -= np.int64(x_zp) * wrow[k]
-            _depthwise_channel(x[oc // mult], img, pads[0], pads[1], pitch_in, step, pitch, padded, offs, wrow,
+            _depthwise_channel(x[oc // mult], img, pads[0], pads[1], pitch_in, step, pitch, offs, wrow,
                                np.int32(corr), np.int64(req_m[oc]), np.int64(req_s[oc]), out_zp, qmin, qmax,
-                               requant, res, acc, out[oc])
+                               requant, oh_n, ow_n, acc, flat[oc])
 
 
 def _depthwise_pitch(stride, pads, wd: int) -> int | None:
