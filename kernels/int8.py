@@ -15,8 +15,12 @@ output channels x a block of output pixels held in vector registers, one weight 
 broadcast per channel and one activation vector load per pixel block and tap. On a CPU with
 AVX-512 VNNI the int8 tile is VPDPBUSD (64 u8 x s8 products into 16 int32 per instruction,
 the instruction ONNX Runtime's MLAS uses); without it the direct int16 kernel runs.
-Depthwise convs (one input channel per group) run a separate direct kernel on the same
-planes, vectorised along output pixels.
+The requantisation is fused into a vectorised epilogue (16 outputs per step, the
+fixed-point multiply in VPMULDQ lanes). Depthwise convs (one input channel per group) run a
+separate direct kernel (``_depthwise_direct``): each channel's padded image, row tiles of 16
+to 64 output pixels held in registers over the taps, requantised in registers and stored
+with a masked store straight into the output; stride 2 reads every other byte, so no
+stride-phase planes are built.
 
 A leaf module: NumPy and numba only. Compiled kernels are cached on disk (``cache=True``).
 """
