@@ -111,12 +111,14 @@ def _requantize_2d(acc, multiplier, shift, out_zp, qmin, qmax, out):
             out[r, c] = min(max(v, qmin), qmax)
 
 
+_RANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255)}   # np.iinfo costs ~1 us a call
+
+
 def _dtype_range(out_dtype) -> tuple[int, int]:
     dt = np.dtype(out_dtype)
-    if dt not in (np.dtype(np.int8), np.dtype(np.uint8)):
+    if dt not in _RANGE:
         raise ConfigError(f"out_dtype must be int8 or uint8, got {dt}")
-    info = np.iinfo(dt)
-    return int(info.min), int(info.max)
+    return _RANGE[dt]
 
 
 def requantize(acc, multiplier, shift, out_zp: int = 0, qmin: int | None = None, qmax: int | None = None,
@@ -147,6 +149,8 @@ def requantize(acc, multiplier, shift, out_zp: int = 0, qmin: int | None = None,
 
 
 def _per_channel(value, chans: int, name: str, dtype) -> np.ndarray:
+    if type(value) is np.ndarray and value.shape == (chans,) and value.dtype == dtype and value.flags.c_contiguous:
+        return value   # already per channel (the packed/lowered case): no copy, no checks
     arr = np.asarray(value)
     if arr.ndim == 0:
         return np.full(chans, arr, dtype=dtype)
@@ -159,13 +163,14 @@ def _per_channel(value, chans: int, name: str, dtype) -> np.ndarray:
 
 
 def _check_zero_point(name: str, zp, dtype) -> None:
-    info = np.iinfo(dtype)
-    if np.ndim(zp) == 0:   # the usual scalar: no array reductions on the per-call path
-        if not info.min <= int(zp) <= info.max:
+    if np.ndim(zp) == 0:   # the usual scalar: no np.iinfo, no array reductions on the per-call path
+        lo, hi = _RANGE.get(np.dtype(dtype)) or (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        if not lo <= int(zp) <= hi:
+            info = np.iinfo(dtype)
             raise ConfigError(f"{name} must lie in the {np.dtype(dtype).name} range [{info.min}, {info.max}], "
                               f"got {zp}")
         return
-    z = np.asarray(zp)
+    z, info = np.asarray(zp), np.iinfo(dtype)
     if z.size and (z.min() < info.min or z.max() > info.max):
         raise ConfigError(f"{name} must lie in the {np.dtype(dtype).name} range [{info.min}, {info.max}], "
                           f"got {z.ravel()[:8]}")
