@@ -107,7 +107,8 @@ def row_from_report(report: dict[str, Any], wall_s: float | None = None) -> dict
     """A table row from a ``compress`` report (``report.json``): the last stage, the stage before its
     fine-tune, and the method's size accounting."""
     final, before = report["rows"][-1], report["rows"][-2]
-    return {"ap": round(final["ap"], 4), "ap50": round(final["ap50"], 4),
+    finetune = (report.get("recipe", {}).get("steps") or [{}])[-1].get("finetune") or {}
+    return {"ap": round(final["ap"], 4), "ap50": round(final["ap50"], 4), "epochs": finetune.get("epochs", 0),
             "params_m": round(final["params"] / 1e6, 4), "params_nonzero_m": round(final["params_nonzero"] / 1e6, 4),
             "gflops": round(final["gflops"], 4), "size_mb": round(size_bytes(report["reports"][-1], final) / 1e6, 4),
             "ap_before_finetune": round(before["ap"], 4), "wall_s": wall_s}
@@ -171,7 +172,7 @@ def baseline_row(model, data: Path) -> dict[str, Any]:
 def print_table(fam: str, base: dict[str, Any], rows: dict[str, dict[str, Any]]) -> None:
     print(f"\n{fam} ({base['model']})")
     head = (f"{'method':<16}{'params M':>9}{'nz M':>8}{'GFLOPs':>8}{'size MB':>9}{'AP':>7}{'AP50':>7}"
-            f"{'dAP':>7}{'dGFLOPs':>9}{'size x':>8}")
+            f"{'dAP':>7}{'dGFLOPs':>9}{'size x':>8}{'ep':>4}")
     print(head)
     print("-" * len(head))
     print(f"{'baseline':<16}{base['params_m']:>9.3f}{base['params_nonzero_m']:>8.3f}{base['gflops']:>8.3f}"
@@ -182,7 +183,8 @@ def print_table(fam: str, base: dict[str, Any], rows: dict[str, dict[str, Any]])
             continue
         print(f"{name:<16}{r['params_m']:>9.3f}{r['params_nonzero_m']:>8.3f}{r['gflops']:>8.3f}{r['size_mb']:>9.3f}"
               f"{r['ap']:>7.3f}{r['ap50']:>7.3f}{r['delta_ap']:>+7.2f}"
-              f"{100 * (r['gflops'] / base['gflops'] - 1):>+8.0f}%{base['size_mb'] / r['size_mb']:>7.1f}x")
+              f"{100 * (r['gflops'] / base['gflops'] - 1):>+8.0f}%{base['size_mb'] / r['size_mb']:>7.1f}x"
+              f"{r.get('epochs', 0):>4}")
 
 
 def report_result(quick: bool, threads: int, finetune: dict, families: dict, methods: dict) -> None:
