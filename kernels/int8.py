@@ -163,8 +163,8 @@ def _per_channel(value, chans: int, name: str, dtype) -> np.ndarray:
 
 
 def _check_zero_point(name: str, zp, dtype) -> None:
-    if np.ndim(zp) == 0:   # the usual scalar: no np.iinfo, no array reductions on the per-call path
-        lo, hi = _RANGE.get(np.dtype(dtype)) or (np.iinfo(dtype).min, np.iinfo(dtype).max)
+    if type(zp) is int or np.ndim(zp) == 0:   # the usual scalar: no np.iinfo, no array reductions
+        lo, hi = _RANGE.get(dtype) or (np.iinfo(dtype).min, np.iinfo(dtype).max)
         if not lo <= int(zp) <= hi:
             info = np.iinfo(dtype)
             raise ConfigError(f"{name} must lie in the {np.dtype(dtype).name} range [{info.min}, {info.max}], "
@@ -454,10 +454,13 @@ def _gemm_i32(a, bt, out):
             out[m, n] = acc
 
 
+_S8, _U8 = np.dtype(np.int8), np.dtype(np.uint8)
+
+
 def _check_int8(name: str, arr: np.ndarray, allow_uint8: bool) -> None:
-    ok = (np.int8, np.uint8) if allow_uint8 else (np.int8,)
-    if arr.dtype not in [np.dtype(t) for t in ok]:
-        raise ConfigError(f"{name} must be {' or '.join(np.dtype(t).name for t in ok)}, got {arr.dtype}")
+    if arr.dtype == _S8 or (allow_uint8 and arr.dtype == _U8):
+        return
+    raise ConfigError(f"{name} must be {'int8 or uint8' if allow_uint8 else 'int8'}, got {arr.dtype}")
 
 
 def gemm_s8s8_s32(a, b, a_zp: int = 0, b_zp=0) -> np.ndarray:
@@ -987,7 +990,7 @@ def _conv_depthwise(x, w, geo, b32, x_zp, wzp, req, out, taps=None) -> None:
     if wzp is not None:
         w32 = w32 - wzp[:, None]
     pitch_in = wd + pads[1] + pads[3]
-    chunks = 4 * numba.get_num_threads()
+    chunks = 32   # parallel work items: enough for the threads of an edge CPU, each fills its own padded image
     for i in range(n):
         _depthwise_direct(x[i], x_zp, pads, dilation, pitch_in, h + pads[0] + pads[2], stride[1],
                           _depthwise_pitch(stride, pads, wd), w32, kw, b32, chunks, *req, out[i])
@@ -1027,9 +1030,11 @@ def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dil
                           f"(need C and OC divisible by groups and w.shape[1] == C/groups)")
     (sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow) = conv_geometry(h, wd, kh, kw, stride, padding, dilation)
     b32 = np.zeros(oc, np.int32) if bias is None else _per_channel(bias, oc, "bias", np.int32)
-    wzp = _per_channel(w_zp, oc, "w_zp", np.int32)
+    w_zero = type(w_zp) is int and w_zp == 0   # symmetric weights, the usual case: no per-channel array
+    wzp = None if w_zero else _per_channel(w_zp, oc, "w_zp", np.int32)
     _check_zero_point("x_zp", x_zp, x.dtype)
-    _check_zero_point("w_zp", w_zp if np.ndim(w_zp) == 0 else wzp, w.dtype)
+    if not w_zero:
+        _check_zero_point("w_zp", w_zp if np.ndim(w_zp) == 0 else wzp, w.dtype)
     requant = multiplier is not None
     if requant and shift is None:
         raise ConfigError("requantised conv needs both multiplier and shift (from quantize_multiplier)")
@@ -1037,6 +1042,7 @@ def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dil
     # depthwise: the direct kernel; at a horizontal stride > 2 the grouped GEMM or the portable kernel
     direct_dw = depthwise and _depthwise_pitch((sh, sw), (pt, pl, pb, pr), wd) is not None
     if not (direct_dw or USE_VNNI):
+        wzp = np.zeros(oc, np.int32) if wzp is None else wzp
         acc = np.empty((n, oc, oh, ow), dtype=np.int32)
         _conv_i32(_padded_nhwc(x, x_zp, (pt, pl, pb, pr)), _weights_ohwi(w, wzp), b32, sh, sw, dh, dw, groups, acc)
         if not requant:
@@ -1053,9 +1059,10 @@ def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dil
     out = np.empty((n, oc, oh, ow), dtype=out_dtype if requant else np.int32)
     geo = ((sh, sw), (dh, dw), (pt, pl, pb, pr), (oh, ow))
     if direct_dw:
-        wz = None if np.ndim(w_zp) == 0 and int(w_zp) == 0 else wzp   # usually symmetric: no correction
+        wz = None if w_zero or not np.any(wzp) else wzp
         _conv_depthwise(x, w, geo, b32, int(x_zp), wz, req, out, None if packed is None else packed.taps)
     else:
+        wzp = np.zeros(oc, np.int32) if wzp is None else wzp
         _conv_vnni(x, packed if packed is not None and packed.wt else _pack_quads(w, groups), geo, b32, int(x_zp),
                    wzp, req, out)
     return out
