@@ -856,14 +856,36 @@ def _copy16(typingctx, dst, dst_off, src, src_off):
     return sig, codegen
 
 
+@intrinsic
+def _copy_masked16(typingctx, dst, dst_off, src, src_off, n):
+    """``dst[dst_off:+n] = src[src_off:+n]`` for n <= 16 as one masked vector load and store
+    (llvm.masked.load/store: nothing outside the n elements is read or written)."""
+    sig = types.void(dst, types.intp, src, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        da = context.make_array(signature.args[0])(context, builder, args[0])
+        sa = context.make_array(signature.args[2])(context, builder, args[2])
+        vty = ir.VectorType(context.get_data_type(signature.args[0].dtype), 16)
+        i64v = ir.VectorType(_I64, 16)
+        mask = builder.icmp_unsigned("<", ir.Constant(i64v, list(range(16))), _splat(builder, args[4], i64v))
+        load = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty.as_pointer(), _I32, mask.type, vty]),
+            f"llvm.masked.load.v16i{vty.element.width}.p0")
+        src_ptr = builder.bitcast(builder.gep(sa.data, [args[3]]), vty.as_pointer())
+        v = builder.call(load, [src_ptr, ir.Constant(_I32, 1), mask, ir.Constant(vty, None)])
+        _masked_store(builder, v, builder.gep(da.data, [args[1]]), args[4], 0)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @numba.njit(cache=True, inline="always")
 def _copy_row(dst, dst_off, src, src_off, n):
     """``dst[dst_off:+n] = src[src_off:+n]``: 16-element vectors, the last one overlapping the one
-    before (rows are short: a libc memcpy call per row costs more than the copy); an element
-    loop below 16."""
+    before (rows are short: a libc memcpy call per row costs more than the copy); one masked
+    vector below 16."""
     if n < 16:
-        for i in range(n):
-            dst[dst_off + i] = src[src_off + i]
+        _copy_masked16(dst, dst_off, src, src_off, n)
         return
     for i in range(0, n - 16, 16):
         _copy16(dst, dst_off + i, src, src_off + i)
@@ -970,6 +992,69 @@ def _depthwise_direct(x, x_zp, pads, dilation, pitch_in, rows_in, step, pitch, w
                                requant, oh_n, ow_n, acc, flat[oc])
 
 
+@numba.njit(cache=True, parallel=True)
+def _depthwise_gathered(x, x_zp, pads, stride, dilation, kh_n, kw_n, w, bias, n_chunks, req_m, req_s, out_zp, qmin,
+                        qmax, requant, out):
+    """``_depthwise_direct`` for a vertical stride > 1 (sw <= 2): one image per kernel row kh
+    whose row oh is the padded input row sh * oh + kh * dh, rows of sw * P bytes, P = ceil(Wp / sw).
+    Output pixel f = oh * P + ow then reads image kh at sw * f + kw * dw for every stride, so
+    the flat output grid has pitch P (about Wp / 2 at stride 2, where the shared padded image
+    needs Wp): 64-pixel tiles over it into a row buffer, the OW valid columns of each row
+    copied out with one masked vector."""
+    c_n, h, wd = x.shape
+    oc_n, oh_n, ow_n = out.shape
+    mult = oc_n // c_n
+    (pt, pl, pb, pr), (sh, sw), (dh, dw) = pads, stride, dilation
+    pitch = -(-(wd + pl + pr) // sw)
+    row_len = sw * pitch
+    pixels = oh_n * pitch
+    padded = -(-pixels // _DW_PX) * _DW_PX
+    image = sw * padded + (kw_n - 1) * dw + _DW_LANES   # one kernel row's image, with the last tile's reach
+    taps = kh_n * kw_n
+    offs = np.empty(taps, np.int64)
+    for k in range(taps):
+        offs[k] = (k // kw_n) * image + (k % kw_n) * dw
+    n_chunks = min(oc_n, n_chunks)
+    flat = out.reshape(oc_n, oh_n * ow_n)
+    for chunk in numba.prange(n_chunks):
+        img = np.empty(kh_n * image, x.dtype)
+        fill = x.dtype.type(x_zp)
+        for i in range(kh_n * image):
+            img[i] = fill
+        res = np.empty(padded + _DW_LANES, out.dtype)
+        acc = np.empty(padded, np.int32)
+        for oc in range(chunk * oc_n // n_chunks, (chunk + 1) * oc_n // n_chunks):
+            xc, wrow, dst = x[oc // mult], w[oc], flat[oc]
+            corr = np.int64(bias[oc])
+            for k in range(taps):
+                corr -= np.int64(x_zp) * wrow[k]
+            for i in range(kh_n):
+                for oh in range(oh_n):
+                    r = sh * oh + i * dh - pt
+                    if 0 <= r < h:
+                        _copy_row(img, i * image + oh * row_len + pl, xc[r], 0, wd)
+            m, s = np.int64(req_m[oc]), np.int64(req_s[oc])
+            if requant and s <= 0:
+                mask = (np.int64(1) << -s) - 1
+                rq = (np.int32(m), np.int32(-s), np.int32(mask), np.int32(mask >> 1), np.int32(out_zp),
+                      np.int32(qmin), np.int32(qmax))
+                for p0 in range(0, pixels, _DW_PX):
+                    if sw == 1:
+                        _dw1_rq(img, offs, wrow, res, p0, np.int32(corr), rq, p0, _DW_PX)
+                    else:
+                        _dw2_rq(img, offs, wrow, res, p0, np.int32(corr), rq, p0, _DW_PX)
+            else:
+                rq = (np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0))
+                for p0 in range(0, pixels, _DW_PX):
+                    if sw == 1:
+                        _dw1(img, offs, wrow, acc, p0, np.int32(corr), rq, p0, _DW_PX)
+                    else:
+                        _dw2(img, offs, wrow, acc, p0, np.int32(corr), rq, p0, _DW_PX)
+                _store_row(acc[:pixels], 0, 0, acc[:0], m, s, out_zp, qmin, qmax, requant, res[:pixels])
+            for oh in range(oh_n):
+                _copy_row(dst, oh * ow_n, res, oh * pitch, ow_n)
+
+
 def _depthwise_pitch(stride, pads, wd: int) -> int | None:
     """The output row pitch of the direct depthwise kernel, or None when the stride has no such
     layout (horizontal stride > 2, or sh * Wp not a multiple of sw)."""
@@ -992,8 +1077,11 @@ def _conv_depthwise(x, w, geo, b32, x_zp, wzp, req, out, taps=None) -> None:
     pitch_in = wd + pads[1] + pads[3]
     chunks = 32   # parallel work items: enough for the threads of an edge CPU, each fills its own padded image
     for i in range(n):
-        _depthwise_direct(x[i], x_zp, pads, dilation, pitch_in, h + pads[0] + pads[2], stride[1],
-                          _depthwise_pitch(stride, pads, wd), w32, kw, b32, chunks, *req, out[i])
+        if stride[0] > 1:
+            _depthwise_gathered(x[i], x_zp, pads, stride, dilation, kh, kw, w32, b32, chunks, *req, out[i])
+        else:
+            _depthwise_direct(x[i], x_zp, pads, dilation, pitch_in, h + pads[0] + pads[2], stride[1],
+                              _depthwise_pitch(stride, pads, wd), w32, kw, b32, chunks, *req, out[i])
 
 
 def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dilation=1, groups: int = 1,
