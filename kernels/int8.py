@@ -995,12 +995,13 @@ def _depthwise_direct(x, x_zp, pads, dilation, pitch_in, rows_in, step, pitch, w
 @numba.njit(cache=True, parallel=True)
 def _depthwise_gathered(x, x_zp, pads, stride, dilation, kh_n, kw_n, w, bias, n_chunks, req_m, req_s, out_zp, qmin,
                         qmax, requant, out):
-    """``_depthwise_direct`` for a vertical stride > 1 (sw <= 2): one image per kernel row kh
-    whose row oh is the padded input row sh * oh + kh * dh, rows of sw * P bytes, P = ceil(Wp / sw).
-    Output pixel f = oh * P + ow then reads image kh at sw * f + kw * dw for every stride, so
-    the flat output grid has pitch P (about Wp / 2 at stride 2, where the shared padded image
-    needs Wp): 64-pixel tiles over it into a row buffer, the OW valid columns of each row
-    copied out with one masked vector."""
+    """``_depthwise_direct`` for a vertical stride sh > 1 (sw <= 2): sh row-phase images, image a
+    holding the padded input rows sh * r + a as its rows r, each sw * P long, P = ceil(Wp / sw).
+    Output pixel f = oh * P + ow under tap (i, j) then reads image (i * dh) % sh at row
+    oh + (i * dh) // sh, column sw * ow + j * dw: sw * f plus a per-tap offset, so the flat
+    output grid has pitch P (about Wp / 2 at stride 2, where the shared padded image needs
+    Wp) and each input row is copied once. 64-pixel tiles over that grid into a row buffer,
+    the OW valid columns of each row copied out with one masked vector."""
     c_n, h, wd = x.shape
     oc_n, oh_n, ow_n = out.shape
     mult = oc_n // c_n
@@ -1009,17 +1010,20 @@ def _depthwise_gathered(x, x_zp, pads, stride, dilation, kh_n, kw_n, w, bias, n_
     row_len = sw * pitch
     pixels = oh_n * pitch
     padded = -(-pixels // _DW_PX) * _DW_PX
-    image = sw * padded + (kw_n - 1) * dw + _DW_LANES   # one kernel row's image, with the last tile's reach
+    rows = oh_n + (kh_n - 1) * dh // sh                  # rows of each phase image
+    reach = ((kh_n - 1) * dh // sh) * row_len + (kw_n - 1) * dw
+    image = max(rows * row_len, sw * padded + reach) + _DW_LANES   # with the last tile's reach
     taps = kh_n * kw_n
     offs = np.empty(taps, np.int64)
     for k in range(taps):
-        offs[k] = (k // kw_n) * image + (k % kw_n) * dw
+        i, j = k // kw_n, k % kw_n
+        offs[k] = ((i * dh) % sh) * image + ((i * dh) // sh) * row_len + j * dw
     n_chunks = min(oc_n, n_chunks)
     flat = out.reshape(oc_n, oh_n * ow_n)
     for chunk in numba.prange(n_chunks):
-        img = np.empty(kh_n * image, x.dtype)
+        img = np.empty(sh * image, x.dtype)
         fill = x.dtype.type(x_zp)
-        for i in range(kh_n * image):
+        for i in range(sh * image):
             img[i] = fill
         res = np.empty(padded + _DW_LANES, out.dtype)
         acc = np.empty(padded, np.int32)
@@ -1028,11 +1032,11 @@ def _depthwise_gathered(x, x_zp, pads, stride, dilation, kh_n, kw_n, w, bias, n_
             corr = np.int64(bias[oc])
             for k in range(taps):
                 corr -= np.int64(x_zp) * wrow[k]
-            for i in range(kh_n):
-                for oh in range(oh_n):
-                    r = sh * oh + i * dh - pt
+            for a in range(sh):
+                for ri in range(rows):
+                    r = sh * ri + a - pt
                     if 0 <= r < h:
-                        _copy_row(img, i * image + oh * row_len + pl, xc[r], 0, wd)
+                        _copy_row(img, a * image + ri * row_len + pl, xc[r], 0, wd)
             m, s = np.int64(req_m[oc]), np.int64(req_s[oc])
             if requant and s <= 0:
                 mask = (np.int64(1) << -s) - 1

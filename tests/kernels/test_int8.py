@@ -24,6 +24,7 @@ from edge_compress.kernels import int8  # noqa: E402
 from edge_compress.kernels.int8 import (  # noqa: E402
     conv2d_int8,
     gemm_s8s8_s32,
+    pack_conv_weights,
     quantize_multiplier,
     requantize,
 )
@@ -404,6 +405,38 @@ def test_conv_across_many_tiles_bit_exact(c, oc, groups, x_dt):
         got8 = conv2d_int8(x, w, bias, x_zp, w_zp, stride=stride, padding=pads, dilation=dilation, groups=groups,
                            multiplier=mult, shift=shift, out_zp=-3, qmin=-3)
         want8 = ref_requantize(ref, mult.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1), -3, -3, 127)
+        np.testing.assert_array_equal(got8, want8)
+
+
+@pytest.mark.parametrize("x_dt", [np.int8, np.uint8])
+@pytest.mark.parametrize("h, wd, k, stride, dilation", [
+    (37, 83, 3, (1, 1), (1, 1)),    # rows past one 64-pixel tile, then a masked 16-pixel tail
+    (20, 20, 3, (2, 2), (1, 1)),    # the detectors' stride-2 depthwise: row-phase images
+    (31, 70, 5, (2, 1), (2, 1)),    # vertical stride only, dilated rows across phases
+    (23, 41, 3, (3, 2), (1, 2)),    # three row phases, stride-2 columns, dilated columns
+    (12, 15, 3, (1, 2), (1, 1)),    # horizontal stride only: shared image, rows under 16
+])
+def test_depthwise_kernels_bit_exact_on_long_rows(h, wd, k, stride, dilation, x_dt):
+    """The direct and row-phase depthwise kernels at sizes the small property cases do not
+    reach: several tiles per row, masked row ends, every stride path, per-channel weight zero
+    points and both requantisation paths (right and left shifts)."""
+    c, mult_ch = 24, 2
+    rng = np.random.default_rng(h * wd + k)
+    info = np.iinfo(x_dt)
+    x = rng.integers(info.min, info.max + 1, (2, c, h, wd)).astype(x_dt)
+    w = rng.integers(-128, 128, (c * mult_ch, 1, k, k)).astype(np.int8)
+    bias = rng.integers(-5000, 5000, c * mult_ch).astype(np.int32)
+    x_zp = int(rng.integers(info.min, info.max + 1))
+    pads = (k // 2, k // 2 + 1, k // 2, 0)
+    for w_zp in (0, rng.integers(-128, 128, c * mult_ch).astype(np.int32)):
+        ref = ref_conv(x, w, bias, x_zp, np.broadcast_to(w_zp, (c * mult_ch,)), stride, pads, dilation, c)
+        got = conv2d_int8(x, w, bias, x_zp, w_zp, stride=stride, padding=pads, dilation=dilation, groups=c)
+        np.testing.assert_array_equal(got, ref)
+        mult, shift = quantize_multiplier(np.geomspace(1e-4, 4.0, c * mult_ch))
+        got8 = conv2d_int8(x, pack_conv_weights(w, c), bias, x_zp, w_zp, stride=stride, padding=pads,
+                           dilation=dilation, groups=c, multiplier=mult, shift=shift, out_zp=5, qmin=-20,
+                           out_dtype=np.int8)
+        want8 = ref_requantize(ref, mult.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1), 5, -20, 127)
         np.testing.assert_array_equal(got8, want8)
 
 
