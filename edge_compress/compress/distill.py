@@ -27,11 +27,6 @@ classes and priors (the same family at the same input size, e.g. picodet_s -> pi
   ``(student_layer, teacher_layer)`` pair a 1x1 adaptation conv maps the student's
   channels to the teacher's and the mean squared error is taken over the whole map
   (no foreground mask); a student map of another size is resized bilinearly first.
-
-The terms are per-image means, on the scale of a detection loss that averages over the
-batch; for a student whose ``loss`` sums over the batch (``loss_sums_over_batch``: yolo_tiny,
-as yolov5) the total is multiplied by the batch size, so a weight means the same for every
-family.
 """
 
 from __future__ import annotations
@@ -258,10 +253,6 @@ class DistillationLoss(nn.Module):
         if cfg.feature_weight:
             term = self._feature_term()
             total, parts["kd_feat"] = total + cfg.feature_weight * term, float(term.detach())
-        if getattr(model, "loss_sums_over_batch", False):
-            # The terms are per-image means; a detector whose loss sums them over the batch
-            # (yolo_tiny, as yolov5) would otherwise weigh distillation 1/batch as much.
-            total = total * x.shape[0]
         return total, parts
 
     def _feature_term(self) -> torch.Tensor:

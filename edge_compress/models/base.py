@@ -68,9 +68,6 @@ class Detector(nn.Module):
     ``forward`` (raw ``(N, P, K)`` tensor) and ``loss``."""
 
     family: ClassVar[str] = ""
-    # True when ``loss`` sums per-image means over the batch (yolov5's ``ComputeLoss``) rather
-    # than averaging; losses added to it (distillation) are put on the same scale.
-    loss_sums_over_batch: ClassVar[bool] = False
 
     def __init__(self, name: str, input_spec: InputSpec, class_names: tuple[str, ...],
                  post: pp.PostProcessConfig):

@@ -153,7 +153,6 @@ class YoloHead(nn.Module):
 
 class YoloTinyDetector(Detector):
     family = "yolo_tiny"
-    loss_sums_over_batch = True   # see loss()
 
     # Loss hyper-parameters: YOLOv5 hyp.scratch-low.yaml (box 0.05, obj 1.0, cls 0.5,
     # anchor_t 4.0), rescaled in __init__ the way yolov5 train.py does: box, obj and cls
