@@ -933,6 +933,35 @@ def _depthwise_rows(img, offs, wrow, dst, corr, rq, step, fused, pitch, oh_n, ow
 
 
 @numba.njit(cache=True, inline="always")
+def _depthwise_flat(img, offs, wrow, dst, corr, rq, step, fused, pixels):
+    """Flat output pixels [0, pixels) into dst: 64-pixel tiles while more than 48 remain, then
+    16-pixel ones (the buffers have room for the last tile's overrun)."""
+    p0 = 0
+    while p0 < pixels:
+        wide = pixels - p0 > 3 * _DW_LANES
+        if step == 1:
+            if fused:
+                if wide:
+                    _dw1_rq(img, offs, wrow, dst, p0, corr, rq, p0, _DW_PX)
+                else:
+                    _dw1_rq_16(img, offs, wrow, dst, p0, corr, rq, p0, _DW_LANES)
+            elif wide:
+                _dw1(img, offs, wrow, dst, p0, corr, rq, p0, _DW_PX)
+            else:
+                _dw1_16(img, offs, wrow, dst, p0, corr, rq, p0, _DW_LANES)
+        elif fused:
+            if wide:
+                _dw2_rq(img, offs, wrow, dst, p0, corr, rq, p0, _DW_PX)
+            else:
+                _dw2_rq_16(img, offs, wrow, dst, p0, corr, rq, p0, _DW_LANES)
+        elif wide:
+            _dw2(img, offs, wrow, dst, p0, corr, rq, p0, _DW_PX)
+        else:
+            _dw2_16(img, offs, wrow, dst, p0, corr, rq, p0, _DW_LANES)
+        p0 += _DW_PX if wide else _DW_LANES
+
+
+@numba.njit(cache=True, inline="always")
 def _depthwise_channel(xc, img, pt, pl, pitch_in, step, pitch, offs, wrow, corr, m, s, out_zp, qmin, qmax, requant,
                        oh_n, ow_n, acc, out):
     """One output channel: its input channel xc (H, W) copied into the padded image's interior,
@@ -954,7 +983,7 @@ def _depthwise_channel(xc, img, pt, pl, pitch_in, step, pitch, offs, wrow, corr,
 
 
 @numba.njit(cache=True, parallel=True)
-def _depthwise_direct(x, x_zp, pads, dilation, pitch_in, rows_in, step, pitch, w, kw, bias, n_chunks, req_m, req_s,
+def _depthwise_direct(x, x_zp, pt, pl, dh, dw, pitch_in, rows_in, step, pitch, w, kw, bias, n_chunks, req_m, req_s,
                       out_zp, qmin, qmax, requant, out):
     """Depthwise conv of one image x (C, H, W) into out (OC, OH, OW), OC = mult * C.
 
@@ -971,7 +1000,7 @@ def _depthwise_direct(x, x_zp, pads, dilation, pitch_in, rows_in, step, pitch, w
     taps = w.shape[1]
     offs = np.empty(taps, np.int64)
     for k in range(taps):
-        offs[k] = (k // kw) * dilation[0] * pitch_in + (k % kw) * dilation[1]
+        offs[k] = (k // kw) * dh * pitch_in + (k % kw) * dw
     # the last tile of a row reads up to 16 pixels past its end
     size = max(rows_in * pitch_in, offs.max() + step * (oh_n * pitch + _DW_PX))
     n_chunks = min(oc_n, n_chunks)
@@ -987,14 +1016,14 @@ def _depthwise_direct(x, x_zp, pads, dilation, pitch_in, rows_in, step, pitch, w
             corr = np.int64(bias[oc])
             for k in range(taps):
                 corr -= np.int64(x_zp) * wrow[k]
-            _depthwise_channel(x[oc // mult], img, pads[0], pads[1], pitch_in, step, pitch, offs, wrow,
+            _depthwise_channel(x[oc // mult], img, pt, pl, pitch_in, step, pitch, offs, wrow,
                                np.int32(corr), np.int64(req_m[oc]), np.int64(req_s[oc]), out_zp, qmin, qmax,
                                requant, oh_n, ow_n, acc, flat[oc])
 
 
 @numba.njit(cache=True, parallel=True)
-def _depthwise_gathered(x, x_zp, pads, stride, dilation, kh_n, kw_n, w, bias, n_chunks, req_m, req_s, out_zp, qmin,
-                        qmax, requant, out):
+def _depthwise_gathered(x, x_zp, pt, pl, pr, sh, sw, dh, dw, kh_n, kw_n, w, bias, n_chunks, req_m, req_s, out_zp,
+                        qmin, qmax, requant, out):
     """``_depthwise_direct`` for a vertical stride sh > 1 (sw <= 2): sh row-phase images, image a
     holding the padded input rows sh * r + a as its rows r, each sw * P long, P = ceil(Wp / sw).
     Output pixel f = oh * P + ow under tap (i, j) then reads image (i * dh) % sh at row
@@ -1005,7 +1034,6 @@ def _depthwise_gathered(x, x_zp, pads, stride, dilation, kh_n, kw_n, w, bias, n_
     c_n, h, wd = x.shape
     oc_n, oh_n, ow_n = out.shape
     mult = oc_n // c_n
-    (pt, pl, pb, pr), (sh, sw), (dh, dw) = pads, stride, dilation
     pitch = -(-(wd + pl + pr) // sw)
     row_len = sw * pitch
     pixels = oh_n * pitch
@@ -1042,18 +1070,10 @@ def _depthwise_gathered(x, x_zp, pads, stride, dilation, kh_n, kw_n, w, bias, n_
                 mask = (np.int64(1) << -s) - 1
                 rq = (np.int32(m), np.int32(-s), np.int32(mask), np.int32(mask >> 1), np.int32(out_zp),
                       np.int32(qmin), np.int32(qmax))
-                for p0 in range(0, pixels, _DW_PX):
-                    if sw == 1:
-                        _dw1_rq(img, offs, wrow, res, p0, np.int32(corr), rq, p0, _DW_PX)
-                    else:
-                        _dw2_rq(img, offs, wrow, res, p0, np.int32(corr), rq, p0, _DW_PX)
+                _depthwise_flat(img, offs, wrow, res, np.int32(corr), rq, sw, True, pixels)
             else:
                 rq = (np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0))
-                for p0 in range(0, pixels, _DW_PX):
-                    if sw == 1:
-                        _dw1(img, offs, wrow, acc, p0, np.int32(corr), rq, p0, _DW_PX)
-                    else:
-                        _dw2(img, offs, wrow, acc, p0, np.int32(corr), rq, p0, _DW_PX)
+                _depthwise_flat(img, offs, wrow, acc, np.int32(corr), rq, sw, False, pixels)
                 _store_row(acc[:pixels], 0, 0, acc[:0], m, s, out_zp, qmin, qmax, requant, res[:pixels])
             for oh in range(oh_n):
                 _copy_row(dst, oh * ow_n, res, oh * pitch, ow_n)
@@ -1081,11 +1101,13 @@ def _conv_depthwise(x, w, geo, b32, x_zp, wzp, req, out, taps=None) -> None:
     pitch_in = wd + pads[1] + pads[3]
     chunks = 32   # parallel work items: enough for the threads of an edge CPU, each fills its own padded image
     for i in range(n):
+        # scalars, not tuples: numba types those in C on every call
         if stride[0] > 1:
-            _depthwise_gathered(x[i], x_zp, pads, stride, dilation, kh, kw, w32, b32, chunks, *req, out[i])
+            _depthwise_gathered(x[i], x_zp, pads[0], pads[1], pads[3], stride[0], stride[1], dilation[0],
+                                dilation[1], kh, kw, w32, b32, chunks, *req, out[i])
         else:
-            _depthwise_direct(x[i], x_zp, pads, dilation, pitch_in, h + pads[0] + pads[2], stride[1],
-                              _depthwise_pitch(stride, pads, wd), w32, kw, b32, chunks, *req, out[i])
+            _depthwise_direct(x[i], x_zp, pads[0], pads[1], dilation[0], dilation[1], pitch_in, h + pads[0] + pads[2],
+                              stride[1], _depthwise_pitch(stride, pads, wd), w32, kw, b32, chunks, *req, out[i])
 
 
 def conv2d_int8(x, w, bias=None, x_zp: int = 0, w_zp=0, stride=1, padding=0, dilation=1, groups: int = 1,
