@@ -368,3 +368,28 @@ def test_formats_on_onnx_conv_node_cases(onnx_node_cases, onnx_conv_attrs):
         for fmt, conv in (("csr", lambda: sparse_conv2d_csr(x, csr_pack(w2d), kh, kw, c, **geo)),
                           ("bsr", lambda: sparse_conv2d_bsr(x, bsr_pack(w2d), kh, kw, c, **geo))):
             np.testing.assert_allclose(conv(), y, rtol=1e-5, atol=1e-5, err_msg=f"{name} {fmt}")
+
+
+@pytest.mark.parametrize("shift", [0, 4, 12, 36, 60])
+@pytest.mark.parametrize("hw", [(8, 8), (5, 20), (10, 10)])
+def test_csr_and_nm_exact_at_every_cache_line_offset(shift, hw):
+    """The pixel tiles follow the operand's offset within a cache line (a first tile at 0, the
+    rest from the first boundary, the second one storing only what the first did not): every
+    pixel is written once and right, whatever the offset and whether rows are whole lines."""
+    from edge_compress.kernels.sparse import csr_pack, nm_pack, sparse_conv2d_csr, sparse_conv2d_nm
+
+    rng = np.random.default_rng(shift + hw[1])
+    c, o = 12, 20
+    raw = np.empty(c * hw[0] * hw[1] * 4 + 128, np.uint8)
+    start = (-raw.ctypes.data % 64) + shift
+    x = raw[start:start + c * hw[0] * hw[1] * 4].view(np.float32).reshape(1, c, *hw)
+    x[:] = rng.standard_normal(x.shape)
+    w = rng.standard_normal((o, c)).astype(np.float32)
+    w[rng.random(w.shape) < 0.7] = 0
+    want = np.einsum("oc,nchw->nohw", w.astype(np.float64), x.astype(np.float64))
+    np.testing.assert_allclose(sparse_conv2d_csr(x, csr_pack(w), 1, 1, c), want, rtol=1e-5, atol=1e-5)
+    w24 = rng.standard_normal((o, c)).astype(np.float32)
+    groups = w24.reshape(o, -1, 4)
+    np.put_along_axis(groups, np.argsort(rng.random(groups.shape), axis=-1)[..., :2], 0.0, axis=-1)
+    want24 = np.einsum("oc,nchw->nohw", w24.astype(np.float64), x.astype(np.float64))
+    np.testing.assert_allclose(sparse_conv2d_nm(x, nm_pack(w24, 2, 4), 1, 1, c), want24, rtol=1e-5, atol=1e-5)
