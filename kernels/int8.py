@@ -610,6 +610,16 @@ def _store_row(row, corr, z, xs, m, s, out_zp, qmin, qmax, requant, dst):
             dst[i] = min(max(_requant_lanes(v, m, left, right, mask, half) + out_zp, qmin), qmax)
 
 
+@numba.njit(cache=True, inline="always")
+def _rq_args(m, s, out_zp, qmin, qmax):
+    """The scalars of ``requantize_ir`` as int32: (m, right, mask, half, zp, qmin, qmax) for a
+    shift s <= 0 (right = -s; a positive shift gives right 0, for callers that do not use them)."""
+    right = max(-s, 0)
+    mask = (np.int64(1) << right) - 1
+    return (np.int32(m), np.int32(right), np.int32(mask), np.int32(mask >> 1), np.int32(out_zp), np.int32(qmin),
+            np.int32(qmax))
+
+
 @intrinsic
 def _requant16(typingctx, src, src_off, corr, rq, dst, dst_off):
     """dst[dst_off:+16] = requantize_ir(src[src_off:+16] + corr) as bytes (no bounds checks)."""
@@ -640,9 +650,7 @@ def _epilogue(acc, ws, corr, wz, xsum, mult, shift, out_zp, qmin, qmax, requant,
     for oc in numba.prange(oc_n):
         s = np.int64(shift[oc])
         if requant and s <= 0 and wz[oc] == 0 and -(2**31) <= corr[oc] < 2**31:
-            mask = (np.int64(1) << -s) - 1
-            rq = (np.int32(mult[oc]), np.int32(-s), np.int32(mask), np.int32(mask >> 1), np.int32(out_zp),
-                  np.int32(qmin), np.int32(qmax))
+            rq = _rq_args(mult[oc], s, out_zp, qmin, qmax)
             c32 = np.int32(corr[oc])
             row, dst = acc[oc], out[oc]
             if flat:   # rows back to back in both: one run over the whole channel
@@ -901,35 +909,41 @@ _dw2_rq, _dw2_rq_16 = _DW[2, True]
 
 
 @numba.njit(cache=True, inline="always")
+def _dw_tile(img, offs, wrow, dst, p0, corr, rq, o0, n, step, fused, wide):
+    """One ``depthwise_tile`` call: the 64-pixel (``wide``) or 16-pixel tile for this stride and
+    output kind (numba cannot pick an intrinsic from a table at run time)."""
+    if step == 1:
+        if fused:
+            if wide:
+                _dw1_rq(img, offs, wrow, dst, p0, corr, rq, o0, n)
+            else:
+                _dw1_rq_16(img, offs, wrow, dst, p0, corr, rq, o0, n)
+        elif wide:
+            _dw1(img, offs, wrow, dst, p0, corr, rq, o0, n)
+        else:
+            _dw1_16(img, offs, wrow, dst, p0, corr, rq, o0, n)
+    elif fused:
+        if wide:
+            _dw2_rq(img, offs, wrow, dst, p0, corr, rq, o0, n)
+        else:
+            _dw2_rq_16(img, offs, wrow, dst, p0, corr, rq, o0, n)
+    elif wide:
+        _dw2(img, offs, wrow, dst, p0, corr, rq, o0, n)
+    else:
+        _dw2_16(img, offs, wrow, dst, p0, corr, rq, o0, n)
+
+
+@numba.njit(cache=True, inline="always")
 def _depthwise_rows(img, offs, wrow, dst, corr, rq, step, fused, pitch, oh_n, ow_n):
     """Every output row of one channel into dst (OH * OW, flat): 64-pixel tiles while 64 columns
     remain, then 16-pixel tiles, the last one masked at the row's end."""
     for oh in range(oh_n):
         j = 0
         while j < ow_n:
-            p0, o0, n = oh * pitch + j, oh * ow_n + j, ow_n - j
-            if n >= _DW_PX:
-                if step == 1:
-                    if fused:
-                        _dw1_rq(img, offs, wrow, dst, p0, corr, rq, o0, n)
-                    else:
-                        _dw1(img, offs, wrow, dst, p0, corr, rq, o0, n)
-                elif fused:
-                    _dw2_rq(img, offs, wrow, dst, p0, corr, rq, o0, n)
-                else:
-                    _dw2(img, offs, wrow, dst, p0, corr, rq, o0, n)
-                j += _DW_PX
-            else:
-                if step == 1:
-                    if fused:
-                        _dw1_rq_16(img, offs, wrow, dst, p0, corr, rq, o0, n)
-                    else:
-                        _dw1_16(img, offs, wrow, dst, p0, corr, rq, o0, n)
-                elif fused:
-                    _dw2_rq_16(img, offs, wrow, dst, p0, corr, rq, o0, n)
-                else:
-                    _dw2_16(img, offs, wrow, dst, p0, corr, rq, o0, n)
-                j += _DW_LANES
+            n = ow_n - j
+            wide = n >= _DW_PX
+            _dw_tile(img, offs, wrow, dst, oh * pitch + j, corr, rq, oh * ow_n + j, n, step, fused, wide)
+            j += _DW_PX if wide else _DW_LANES
 
 
 @numba.njit(cache=True, inline="always")
@@ -939,25 +953,7 @@ def _depthwise_flat(img, offs, wrow, dst, corr, rq, step, fused, pixels):
     p0 = 0
     while p0 < pixels:
         wide = pixels - p0 > 3 * _DW_LANES
-        if step == 1:
-            if fused:
-                if wide:
-                    _dw1_rq(img, offs, wrow, dst, p0, corr, rq, p0, _DW_PX)
-                else:
-                    _dw1_rq_16(img, offs, wrow, dst, p0, corr, rq, p0, _DW_LANES)
-            elif wide:
-                _dw1(img, offs, wrow, dst, p0, corr, rq, p0, _DW_PX)
-            else:
-                _dw1_16(img, offs, wrow, dst, p0, corr, rq, p0, _DW_LANES)
-        elif fused:
-            if wide:
-                _dw2_rq(img, offs, wrow, dst, p0, corr, rq, p0, _DW_PX)
-            else:
-                _dw2_rq_16(img, offs, wrow, dst, p0, corr, rq, p0, _DW_LANES)
-        elif wide:
-            _dw2(img, offs, wrow, dst, p0, corr, rq, p0, _DW_PX)
-        else:
-            _dw2_16(img, offs, wrow, dst, p0, corr, rq, p0, _DW_LANES)
+        _dw_tile(img, offs, wrow, dst, p0, corr, rq, p0, _DW_PX if wide else _DW_LANES, step, fused, wide)
         p0 += _DW_PX if wide else _DW_LANES
 
 
@@ -971,13 +967,10 @@ def _depthwise_channel(xc, img, pt, pl, pitch_in, step, pitch, offs, wrow, corr,
     h, wd = xc.shape
     for r in range(h):
         _copy_row(img, (r + pt) * pitch_in + pl, xc[r], 0, wd)
+    rq = _rq_args(m, s, out_zp, qmin, qmax)
     if requant and s <= 0:  # the usual case (real scale < 0.5)
-        mask = (np.int64(1) << -s) - 1
-        rq = (np.int32(m), np.int32(-s), np.int32(mask), np.int32(mask >> 1), np.int32(out_zp), np.int32(qmin),
-              np.int32(qmax))
         _depthwise_rows(img, offs, wrow, out, corr, rq, step, True, pitch, oh_n, ow_n)
     else:
-        rq = (np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0))
         _depthwise_rows(img, offs, wrow, acc, corr, rq, step, False, pitch, oh_n, ow_n)
         _store_row(acc, 0, 0, acc[:0], m, s, out_zp, qmin, qmax, requant, out)
 
@@ -1066,13 +1059,10 @@ def _depthwise_gathered(x, x_zp, pt, pl, pr, sh, sw, dh, dw, kh_n, kw_n, w, bias
                     if 0 <= r < h:
                         _copy_row(img, a * image + ri * row_len + pl, xc[r], 0, wd)
             m, s = np.int64(req_m[oc]), np.int64(req_s[oc])
+            rq = _rq_args(m, s, out_zp, qmin, qmax)
             if requant and s <= 0:
-                mask = (np.int64(1) << -s) - 1
-                rq = (np.int32(m), np.int32(-s), np.int32(mask), np.int32(mask >> 1), np.int32(out_zp),
-                      np.int32(qmin), np.int32(qmax))
                 _depthwise_flat(img, offs, wrow, res, np.int32(corr), rq, sw, True, pixels)
             else:
-                rq = (np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0), np.int32(0))
                 _depthwise_flat(img, offs, wrow, acc, np.int32(corr), rq, sw, False, pixels)
                 _store_row(acc[:pixels], 0, 0, acc[:0], m, s, out_zp, qmin, qmax, requant, res[:pixels])
             for oh in range(oh_n):
