@@ -232,14 +232,16 @@ def export_model(model, backend: str, out: str | os.PathLike, *, quant=None, sou
                  recipe: dict[str, Any] | None = None, data: str | os.PathLike | None = None,
                  split: str = "val", calib_split: str = "train", threads: int = 1,
                  min_sqnr_db: float = INT8_MIN_SQNR_DB, lowering: dict[str, Any] | None = None,
-                 calibration=None) -> Artifact:
+                 calibration=None, evaluate: bool = True, latency_check: bool = True) -> Artifact:
     """Export ``model`` (a zoo detector or an ``ExternalDetector``) for ``backend`` into the new
     folder ``out``, validated. ``quant`` (a ``QuantConfig``) makes it int8, calibrated on the
     ``calib_split`` of ``data``; with ``data`` the mAP through the runtime is recorded.
     ``lowering`` (a ``LoweringConfig`` dict, kernels backend only) picks each conv's kernel;
     int8 layers in it need ``quant`` for the calibration. ``calibration`` (a ``CalibrationTable``
     computed on this model's fp32 ONNX graph, e.g. by QAT's ``qat_calibration``) replaces our
-    calibrator: its ranges quantize the graph as they are."""
+    calibrator: its ranges quantize the graph as they are. ``evaluate=False`` skips the mAP through
+    the runtime and ``latency_check=False`` the int8-vs-fp32 timing (``fit`` builds many candidates
+    only to time them on the device; the chosen one is exported with both)."""
     be = get_backend(backend, require_available=False)
     runnable, why = be.available()
     if not runnable and not getattr(be, "exports_without_runtime", False):
@@ -259,7 +261,7 @@ def export_model(model, backend: str, out: str | os.PathLike, *, quant=None, sou
     subject = _Subject(model)
     recipe = {"steps": []} if recipe is None else recipe
     source = source_sha256 or (model_sha256(model) if subject.is_torch else model.sha256)
-    dataset = _open_matching(model, data, split) if data is not None else None
+    dataset = _open_matching(model, data, split) if data is not None and evaluate else None
     calib_set = _open_matching(model, data, calib_split) if quant is not None else None
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -289,10 +291,12 @@ def export_model(model, backend: str, out: str | os.PathLike, *, quant=None, sou
             val_images = _validation_images(model, dataset or calib_set)
             validation = validate_int8(subject.reference, runner, val_images, min_sqnr_db,
                                        f"'{(dataset or calib_set).coco_gt_path.name}' images")
-            fp32_runner = _fp32_runner(be, ExportSource(onnx=fp32_onnx, fp32_onnx=fp32_onnx,
-                                                        model=src.model), work, threads)
-            metrics["latency_check"] = compare_latency(fp32_runner, runner, val_images[0], threads)
-            extra["warnings"] = _slower_warning(be.name, metrics["latency_check"])
+            if latency_check or dataset is not None:
+                fp32_runner = _fp32_runner(be, ExportSource(onnx=fp32_onnx, fp32_onnx=fp32_onnx,
+                                                            model=src.model), work, threads)
+            if latency_check:
+                metrics["latency_check"] = compare_latency(fp32_runner, runner, val_images[0], threads)
+                extra["warnings"] = _slower_warning(be.name, metrics["latency_check"])
             if dataset is not None:
                 metrics["map_fp32"] = _runtime_map(model, be, fp32_runner, dataset, tmp, recipe, source, validation)
         if dataset is not None:

@@ -367,11 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.set_defaults(func=cmd_run)
 
-    from edge_compress.cli import agent_cmd, compress_cmd, profile_cmd
+    from edge_compress.cli import agent_cmd, compress_cmd, fit_cmd, profile_cmd
 
     profile_cmd.add_parsers(verbs)   # profile, profiles list | show | compare
     agent_cmd.add_parsers(verbs)     # agent serve | token | oneshot
     compress_cmd.add_parsers(verbs)  # compress, sensitivity
+    fit_cmd.add_parsers(verbs)       # fit
     return parser
 
 

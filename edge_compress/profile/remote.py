@@ -189,3 +189,45 @@ def _need(program: str) -> str:
     if found is None:
         raise TransportUnavailableError(f"'{program}' is not on PATH; install {INSTALL_HINTS[program]}")
     return found
+
+
+def check_reachable(device: DeviceConfig, timeout_s: float = 15.0) -> None:
+    """Raise ``RemoteError`` (with the transport's own words) unless ``device`` answers now.
+
+    ``local`` always does; an agent must answer its health check, an ssh host a
+    ``true``, an adb serial ``get-state`` with ``device``. Long jobs (``fit``) call
+    this first, so a board that is off fails in seconds, not after an hour of building.
+    """
+    if device.connection == "local":
+        return
+    if device.connection == "agent":
+        _agent_health(device, timeout_s)
+    elif device.connection == "ssh":
+        target = f"{device.user}@{device.host}" if device.user else device.host
+        opts = ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(timeout_s))}"]
+        if device.key_file:
+            opts += ["-i", device.key_file, "-o", "IdentitiesOnly=yes"]
+        _call(device, [_need("ssh"), *opts, "-p", str(device.effective_port), target, "true"], "reach the host",
+              timeout_s=timeout_s + 5)
+    else:
+        state = _call(device, [_need("adb"), "-s", device.serial, "get-state"], "reach the phone",
+                      timeout_s=timeout_s).strip()
+        if state != "device":
+            raise RemoteError(f"device '{device.name}' (adb): state is '{state}', not 'device'; unlock it and "
+                              "accept the USB debugging prompt")
+
+
+def _agent_health(device: DeviceConfig, timeout_s: float) -> None:
+    from edge_compress.profile.agent.client import AgentClient
+    from edge_compress.profile.agent.protocol import AgentUnreachableError
+
+    token = os.environ.get(device.token_env or "", "").strip()
+    if not token:
+        raise ConfigError(f"device '{device.name}': environment variable {device.token_env} (its token_env) is "
+                          f"not set; export {device.token_env}=<the agent's token>")
+    try:
+        AgentClient(device.host, device.effective_port, token, timeout_s=timeout_s).health()
+    except (OSError, AgentUnreachableError) as e:
+        raise RemoteError(f"device '{device.name}' (agent at {device.host}:{device.effective_port}) does not "
+                          f"answer: {type(e).__name__}: {e}; is `edge-compress agent serve` running there and "
+                          "the address right in devices.yaml?") from e

@@ -1,0 +1,118 @@
+"""Where ``fit`` runs its candidate builds, fine-tunes and device measurements.
+
+* ``inline``: everything in this process, one after another;
+* ``process`` (the default): builds and fine-tunes in a local process pool
+  (``spawn``: torch and the runtimes do not survive ``fork``);
+* ``ray``: builds and fine-tunes as Ray tasks on a cluster (``address``), or on a
+  Ray instance started on this machine when no address is given.
+
+Device measurements are never run two at a time on one device: two models
+timed together on the same cores would each measure the other. ``measure_all``
+therefore runs them one by one: in this process for ``inline``/``process``,
+and in one Ray actor per device (``max_concurrency=1``) for ``ray``, pinned to
+this node when the device is ``local`` (this machine), wherever Ray likes otherwise.
+On a local device the builds of a batch finish before its measurements start,
+for the same reason.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Callable, Iterable
+
+from edge_compress.errors import BackendUnavailableError, ConfigError
+
+EXECUTORS = ("process", "inline", "ray")
+
+
+class InlineExecutor:
+    name = "inline"
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        return [fn(i) for i in items]
+
+    def measure_all(self, fn: Callable[[Any], Any], items: Iterable[Any], local_device: bool) -> list[Any]:
+        return [fn(i) for i in items]
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessExecutor(InlineExecutor):
+    name = "process"
+
+    def __init__(self, workers: int):
+        import multiprocessing
+
+        self.workers = workers
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        items = list(items)
+        if len(items) <= 1:
+            return [fn(i) for i in items]
+        return list(self._pool.map(fn, items))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RayExecutor(InlineExecutor):
+    name = "ray"
+
+    def __init__(self, address: str | None, workers: int):
+        try:
+            import ray
+        except ImportError as e:
+            raise BackendUnavailableError(f"--executor ray needs Ray ({e}); install it with: "
+                                          "pip install 'edge-compress[ray]'") from e
+        self.ray = ray
+        self._started = not ray.is_initialized()
+        if self._started:
+            kwargs = {"address": address} if address else {"num_cpus": workers}
+            ray.init(include_dashboard=False, log_to_driver=False, **kwargs)
+        self._actor = None
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        task = self.ray.remote(fn)
+        return self.ray.get([task.remote(i) for i in items])
+
+    def measure_all(self, fn: Callable[[Any], Any], items: Iterable[Any], local_device: bool) -> list[Any]:
+        if self._actor is None:
+            self._actor = self._device_actor(local_device)
+        return self.ray.get([self._actor.run.remote(fn, i) for i in items])
+
+    def _device_actor(self, local_device: bool):
+        ray = self.ray
+        options: dict[str, Any] = {"max_concurrency": 1}
+        if local_device:   # the device is this machine: the measuring actor must live here
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        return ray.remote(_DeviceSlot).options(**options).remote()
+
+    def close(self) -> None:
+        if self._started:
+            self.ray.shutdown()
+
+
+class _DeviceSlot:
+    """A Ray actor that runs one measurement at a time."""
+
+    def run(self, fn: Callable[[Any], Any], item: Any) -> Any:
+        return fn(item)
+
+
+def make_executor(name: str, workers: int | None = None, address: str | None = None) -> InlineExecutor:
+    if name not in EXECUTORS:
+        raise ConfigError(f"--executor {name!r} is unknown; choose one of: {', '.join(EXECUTORS)}")
+    workers = workers or min(2, os.cpu_count() or 1)
+    if workers < 1:
+        raise ConfigError(f"--workers {workers} must be >= 1")
+    if name == "inline" or (name == "process" and workers == 1):
+        return InlineExecutor()
+    if name == "process":
+        return ProcessExecutor(workers)
+    return RayExecutor(address, workers)

@@ -1,0 +1,162 @@
+"""The latency model of one (device, backend): per-layer costs fitted on measured profiles.
+
+A candidate's latency is predicted as a fixed cost plus the sum of its convs'
+costs. A conv's cost is what the runtime runs for it after fusion: every runtime
+here folds BatchNorm into the conv and fuses the activation into its kernel, and
+an int8 conv's QuantizeLinear/DequantizeLinear pairs become one int8 kernel with
+its requantisation, so one conv (with its BN, activation and, in int8, the
+re-quantisation of its input) is one unit of cost:
+
+    t(layer) = a[kind, precision] * MACs + b[kind, precision] * output elements
+               (+ q * input elements for an int8 layer: quantising its input)
+
+with ``kind`` in conv / pointwise / depthwise. The coefficients are non-negative
+(NNLS) and fitted to *relative* error (each measured row divided by its latency),
+since the budget is relative. The fixed cost absorbs what does not scale with the
+convs (input copy, resize/concat, the head's decode, the call into the runtime).
+
+The model knows which environment its measurements come from
+(``environment_key``: device and its settings, backend, runtime version, threads,
+CPU model); measurements from another environment are not used, and a stored model
+whose key differs is stale (``fit`` says why and measures again).
+
+``holdout_report`` fits on the measurements not held out and reports the error on
+the held-out ones: the honest error of a model on candidates it has not seen.
+``sampling_scores`` ranks unmeasured candidates by where the model knows least
+(leverage of their features under the fitted design) times how wrong it was on
+the nearest measured candidates: adaptive sampling measures there first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from edge_compress.errors import ConfigError
+from edge_compress.fit.space import KINDS, LayerRow
+
+PRECISION_TERMS = ("fp32", "int8")
+# Feature scales: MACs in millions, elements in hundreds of thousands, so the NNLS columns are O(1).
+MACS_SCALE, ELEMS_SCALE = 1e6, 1e5
+
+
+def feature_names() -> list[str]:
+    names = ["fixed"]
+    names += [f"macs[{k},{p}]" for k in KINDS for p in PRECISION_TERMS]
+    names += [f"out_elems[{k},{p}]" for k in KINDS for p in PRECISION_TERMS]
+    return names + ["int8_input_elems"]
+
+
+def features(layers: Sequence[LayerRow]) -> np.ndarray:
+    """The feature row of one candidate: sums of per-layer terms (see the module docstring)."""
+    x = np.zeros(len(feature_names()))
+    x[0] = 1.0
+    nk, np_ = len(KINDS), len(PRECISION_TERMS)
+    for row in layers:
+        j = KINDS.index(row.kind) * np_ + PRECISION_TERMS.index(row.precision)
+        x[1 + j] += row.macs / MACS_SCALE
+        x[1 + nk * np_ + j] += row.out_elems / ELEMS_SCALE
+        if row.precision == "int8":
+            x[-1] += row.in_elems / ELEMS_SCALE
+    return x
+
+
+def environment_key(env: dict[str, Any]) -> str:
+    """A digest of what a latency measurement depends on besides the candidate."""
+    return hashlib.sha256(json.dumps(env, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LatencyModel:
+    """Non-negative per-layer cost coefficients; ``predict`` in ms."""
+
+    coef: np.ndarray
+    environment: dict[str, Any]
+    n_fit: int
+    ridge: float = 1e-4
+    _gram_inv: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> str:
+        return environment_key(self.environment)
+
+    def predict(self, x: np.ndarray) -> np.ndarray | float:
+        return x @ self.coef
+
+    def layer_costs(self, layers: Sequence[LayerRow]) -> dict[str, float]:
+        """Predicted ms of each conv (the fixed cost is not in any layer)."""
+        return {row.name: float(features([row])[1:] @ self.coef[1:]) for row in layers}
+
+    def leverage(self, x: np.ndarray) -> np.ndarray:
+        """``r^T (R^T R)^-1 r`` with ``r = x / predicted`` (the relative-error design the model was fitted
+        on): about 1 / (measurements like it); large where the model is unsure."""
+        x = np.asarray(x, float)
+        if self._gram_inv is None:
+            return np.ones(len(x))
+        r = x / np.maximum(np.asarray(self.predict(x)), 1e-9)[:, None]
+        return np.einsum("ij,jk,ik->i", r, self._gram_inv, r)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"features": feature_names(), "coef": self.coef.tolist(), "environment": self.environment,
+                "environment_key": self.key, "n_fit": self.n_fit,
+                "form": "fixed + sum over convs of a[kind,prec]*MACs + b[kind,prec]*out elems (+ q*in elems, int8)"}
+
+
+def fit_latency(x: np.ndarray, y: np.ndarray, environment: dict[str, Any], ridge: float = 1e-4) -> LatencyModel:
+    """NNLS on relative error: minimise ``sum ((x_i . w - y_i) / y_i)^2 + ridge |w|^2``, ``w >= 0``."""
+    from scipy.optimize import nnls
+
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(y) < 3:
+        raise ConfigError(f"the latency model needs at least 3 measured candidates, got {len(y)}")
+    if (y <= 0).any():
+        raise ConfigError("a measured latency is <= 0 ms: the profile store holds a broken record")
+    xs = x / y[:, None]
+    scale = np.maximum(np.abs(xs).max(0), 1e-12)
+    a = np.vstack([xs / scale, np.sqrt(ridge) * np.eye(x.shape[1])])
+    b = np.concatenate([np.ones(len(y)), np.zeros(x.shape[1])])
+    w, _ = nnls(a, b, maxiter=50 * x.shape[1])
+    coef = w / scale
+    gram = xs.T @ xs + ridge * np.diag(scale ** 2)
+    model = LatencyModel(coef, environment, len(y), ridge)
+    model._gram_inv = np.linalg.pinv(gram)
+    return model
+
+
+def relative_errors(model: LatencyModel, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``(predicted - measured) / measured`` per row."""
+    return (np.asarray(model.predict(np.asarray(x, float))) - y) / y
+
+
+def holdout_report(x: np.ndarray, y: np.ndarray, heldout: np.ndarray, environment: dict[str, Any],
+                   keys: Sequence[str] = ()) -> dict[str, Any]:
+    """Fit on ``~heldout``, report the error on ``heldout`` (the held-out candidates were never fitted)."""
+    heldout = np.asarray(heldout, bool)
+    train, test = ~heldout, heldout
+    out: dict[str, Any] = {"n_fit": int(train.sum()), "n_heldout": int(test.sum()), "within_10pct": None,
+                           "median_abs_rel_err": None, "p95_abs_rel_err": None, "heldout": []}
+    if train.sum() < 3 or test.sum() == 0:
+        out["note"] = "too few measurements to hold some out"
+        return out
+    model = fit_latency(x[train], y[train], environment)
+    err = relative_errors(model, x[test], y[test])
+    a = np.abs(err)
+    keys = list(keys) or [str(i) for i in range(len(y))]
+    out.update(within_10pct=float((a <= 0.10).mean()), median_abs_rel_err=float(np.median(a)),
+               p95_abs_rel_err=float(np.percentile(a, 95)), max_abs_rel_err=float(a.max()),
+               heldout=[{"key": k, "predicted_ms": float(p), "measured_ms": float(m)}
+                        for k, p, m in zip(np.asarray(keys)[test], model.predict(x[test]), y[test])])
+    return out
+
+
+def sampling_scores(model: LatencyModel, x_new: np.ndarray, x_seen: np.ndarray, y_seen: np.ndarray) -> np.ndarray:
+    """Where to measure next: leverage x (1 + 10 * |relative error| of the nearest measured candidate)."""
+    lev = model.leverage(x_new)
+    err = np.abs(relative_errors(model, x_seen, y_seen))
+    scale = np.maximum(np.abs(x_seen).max(0), 1e-12)
+    d = (((x_new[:, None, :] - x_seen[None, :, :]) / scale) ** 2).sum(-1)
+    return lev * (1.0 + 10.0 * err[np.argmin(d, axis=1)])

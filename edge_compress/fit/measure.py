@@ -1,0 +1,141 @@
+"""Build a candidate's artifact and measure it on the device: the two jobs ``fit`` farms out.
+
+``build_candidate(BuildJob)`` runs in a worker (process pool or Ray task): it loads
+the detector from its checkpoint, prunes it to the candidate's ratios and exports
+it for the backend, int8 where the candidate says (calibrated on a few training
+images: a QDQ graph runs the same kernels whatever its scales, so the latency of a
+candidate does not depend on the calibration; the chosen candidate is exported
+again with the full calibration and its mAP). It returns a plain dict, with the
+error when the candidate cannot be built: a failed candidate is data, not a crash.
+
+``measure_candidate(MeasureJob)`` profiles the artifact on the device
+(``profile_on_device``: local, agent, ssh or adb), files the record in the
+profile store at once (so an interrupted fit loses no measurement) and then drops
+the artifact's model files (the manifest stays, the record points to it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    checkpoint: str
+    key: str
+    ratios: dict[str, float]
+    round_to: int
+    min_channels: int
+    keep_fp32: tuple[str, ...]
+    int8: bool
+    backend: str
+    data: str
+    out: str
+    threads: int = 1
+    calib_images: int = 8
+    fit_run: str = ""
+
+
+@dataclass(frozen=True)
+class MeasureJob:
+    key: str
+    artifact: str
+    device: dict[str, Any]         # DeviceConfig.to_dict() (plain data: picklable, Ray-friendly)
+    settings: dict[str, Any]       # ProfileSettings.to_dict()
+    store: str
+    keep_model: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_model(checkpoint: str, ratios: dict[str, float], round_to: int, min_channels: int,
+                recalibrate_bn: int = 0, bn_batches=None):
+    """The detector of ``checkpoint`` pruned to per-conv ``ratios`` (no pruning when empty)."""
+    from edge_compress.compress.structured import ChannelPruneConfig, prune_channels
+    from edge_compress.train import load_detector
+
+    model = load_detector(checkpoint).cpu().eval()
+    if ratios:
+        prune_channels(model, ChannelPruneConfig(ratio=dict(ratios), round_to=round_to, min_channels=min_channels,
+                                                 recalibrate_bn=recalibrate_bn), bn_batches=bn_batches)
+    return model.eval()
+
+
+def build_candidate(job: BuildJob) -> dict[str, Any]:
+    """Prune + export one candidate into ``job.out``; ``{"key", "artifact"}`` or ``{"key", "error"}``."""
+    t0 = time.perf_counter()
+    try:
+        import warnings
+
+        from edge_compress.export import export_model
+        from edge_compress.quant import QuantConfig
+
+        model = build_model(job.checkpoint, job.ratios, job.round_to, job.min_channels)
+        quant = QuantConfig(num_images=job.calib_images, keep_fp32=job.keep_fp32) if job.int8 else None
+        recipe = {"steps": [], "fit": {"run": job.fit_run, "candidate": job.key, "prune_ratios": job.ratios,
+                                       "keep_fp32": list(job.keep_fp32), "int8": job.int8}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            art = export_model(model, job.backend, job.out, quant=quant, data=job.data if job.int8 else None,
+                               recipe=recipe, threads=job.threads, evaluate=False, latency_check=False)
+        return {"key": job.key, "artifact": str(art.path), "build_s": time.perf_counter() - t0,
+                "model_bytes": art.manifest["metrics"].get("model_bytes"),
+                "params": art.manifest["metrics"].get("params"), "macs": art.manifest["metrics"].get("macs")}
+    except Exception as e:  # noqa: BLE001 - a candidate that cannot be built is recorded with its reason
+        shutil.rmtree(job.out, ignore_errors=True)
+        return {"key": job.key, "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(limit=4), "build_s": time.perf_counter() - t0}
+
+
+def measure_candidate(job: MeasureJob) -> dict[str, Any]:
+    """Profile ``job.artifact`` on the device and store the record; a dict of what the fit keeps."""
+    from edge_compress.profile.devices import DeviceConfig
+    from edge_compress.profile.profiler import ProfileSettings
+    from edge_compress.profile.remote import profile_on_device
+    from edge_compress.profile.store import ProfileStore
+
+    device = DeviceConfig(**job.device)
+    try:
+        record = profile_on_device(device, job.artifact, ProfileSettings.from_dict(job.settings))
+    except Exception as e:  # noqa: BLE001 - recorded with its reason (a device that dropped out, a bad artifact)
+        return {"key": job.key, "error": f"{type(e).__name__}: {e}"}
+    record = {**record, "fit": {"candidate": job.key, **job.extra}}
+    path = ProfileStore(job.store).add(record)
+    if not job.keep_model:
+        drop_model_files(Path(job.artifact))
+    return summarize_record(job.key, record, path)
+
+
+def summarize_record(key: str, record: dict[str, Any], path: Path | str) -> dict[str, Any]:
+    lat, energy = record["latency"], record.get("energy", {})
+    return {"key": key, "record": str(path), "record_id": record.get("id", Path(path).stem),
+            "p50": lat["p50"], "p90": lat["p90"], "p99": lat["p99"], "repeats": lat["repeats"],
+            "energy_mj": energy.get("mj_per_inference"), "energy_label": energy.get("label"),
+            "size_bytes": record["artifact"].get("model_bytes"),
+            "environment": measurement_environment(record)}
+
+
+def measurement_environment(record: dict[str, Any]) -> dict[str, Any]:
+    """What a latency depends on besides the model: the latency model's validity key."""
+    env, dev = record.get("environment", {}), record.get("device_config", {})
+    return {"device": record["device"], "backend": record["backend"],
+            "runtime_version": env.get("runtime_version"), "threads": record.get("settings", {}).get("threads"),
+            "cpu_model": env.get("cpu_model"), "power_mode": dev.get("power_mode"),
+            "connection": dev.get("connection"), "host": dev.get("host") or dev.get("serial")}
+
+
+def drop_model_files(artifact: Path) -> None:
+    """Remove an artifact's model files, keeping its manifest (which its profile records hash)."""
+    for p in artifact.iterdir():
+        if p.name != MANIFEST:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def job_dict(job: Any) -> dict[str, Any]:
+    return asdict(job)

@@ -1,0 +1,584 @@
+"""``fit``: per-layer pruning ratios and precisions that meet a budget measured on the device.
+
+The loop (DESIGN.md "fit"):
+
+1. **preflight**: the device answers, it has the backend, the backend exports
+   here, the data matches the model: all before anything long starts;
+2. **sensitivity** of every knob and precision layer (``accuracy.Sensitivity``);
+3. **baselines** on the device: fp32, int8 everywhere, and the smallest candidate,
+   whose measurement is the floor: a budget below it is an error that says the floor;
+4. **initial samples** (uniform and random candidates), then **search rounds**:
+   fit the latency model on every measurement of this environment, run the
+   greedy and the evolutionary search against it, measure the promising
+   candidates and the adaptive-sampling picks, refit; until nothing new is
+   proposed or ``max_measurements`` is reached;
+5. **choice**: the best measured candidates that meet the budget on the device,
+   checked by a short fine-tune and a real mAP;
+6. **result**: fine-tune with distillation, export (full calibration, mAP through
+   the runtime), measure on the device; a miss tightens the search's budget and
+   goes back to 4, ``verify_rounds`` at most;
+7. ``OUT/artifact``, ``OUT/fit_result.json`` and ``OUT/report.html``.
+
+Everything measured is in the profile store and in ``OUT/state.json`` (rewritten
+after every step), so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edge_compress.errors import BackendUnavailableError, ConfigError, DataError, EdgeCompressError
+from edge_compress.fit.accuracy import Sensitivity
+from edge_compress.fit.config import FitConfig
+from edge_compress.fit.executor import make_executor
+from edge_compress.fit.finetune import FinetuneJob, finetune_candidate
+from edge_compress.fit.latency import LatencyModel, environment_key, features, fit_latency, holdout_report, \
+    sampling_scores
+from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, measure_candidate
+from edge_compress.fit.search import Memo, evolve, greedy, pareto
+from edge_compress.fit.space import Candidate, SearchSpace
+from edge_compress.fit.state import FitState
+
+ADAPTIVE_PER_ROUND = 2
+SAFETY = 0.98          # after a miss, the search budget is tightened to SAFETY * budget / measured of it
+
+
+class FitError(EdgeCompressError, RuntimeError):
+    """The budget cannot be met (below the floor the device measured) or the search found nothing."""
+
+
+@dataclass
+class FitResult:
+    out: Path
+    artifact: Path | None
+    report: Path
+    result: dict[str, Any]
+
+
+def fit(checkpoint: str | Path, data: str | Path, config: FitConfig, out: str | Path, device: str = "local",
+        backend: str = "openvino", devices_path: str | Path = "devices.yaml", store: str | Path = "profiles",
+        executor: str = "process", workers: int | None = None, ray_address: str | None = None,
+        log: Callable[[str], None] | None = None) -> FitResult:
+    """Search, fine-tune, export and verify a compressed ``checkpoint`` meeting ``config``'s budget on
+    ``device`` with ``backend``; results under ``out`` (resumed when it holds this run's state)."""
+    run = FitRun(checkpoint, data, config, out, device, backend, devices_path, store, log or (lambda s: None))
+    run.executor = make_executor(executor, workers, ray_address)
+    try:
+        return run.run()
+    finally:
+        run.executor.close()
+
+
+class FitRun:
+    """One fit: its model, space, device and state; ``run`` goes through the steps of the module docstring."""
+
+    def __init__(self, checkpoint, data, config: FitConfig, out, device: str, backend: str, devices_path, store,
+                 log: Callable[[str], None]):
+        from edge_compress.profile.devices import get_device
+
+        self.config, self.log = config, log
+        self.checkpoint, self.data = Path(checkpoint), Path(data)
+        self.out, self.store = Path(out), Path(store)
+        self.device = get_device(device, devices_path)
+        self.backend = backend
+        self._preflight()
+        self.space = SearchSpace(self.model, config.ratios, self.precisions, config.round_to, config.min_channels)
+        self.threads = config.threads or self.device.threads
+        self.state = FitState.open(self.out, self._identity())
+        self.sens = Sensitivity.load_or_new(self.out / "sensitivity.json", self.space)
+        self.rng = random.Random(config.seed)
+        self.env: dict[str, Any] | None = None
+        self.executor = make_executor("inline")
+
+    # ---- 1. preflight
+
+    def _preflight(self) -> None:
+        from edge_compress.backends import get_backend
+        from edge_compress.compress.recipe import open_data
+        from edge_compress.profile.remote import check_reachable
+        from edge_compress.train import load_detector
+
+        if self.backend not in self.device.backends:
+            raise ConfigError(f"device '{self.device.name}' has backends {list(self.device.backends)}; "
+                              f"'{self.backend}' is not among them: pick one of those, or add it to the device's "
+                              "'backends' in devices.yaml once its runtime is installed there")
+        be = get_backend(self.backend, require_available=False)
+        ok, why = be.available()
+        if not ok:
+            raise BackendUnavailableError(f"backend '{self.backend}' cannot export here: {why}")
+        self.precisions = tuple(p for p in ("fp32", "int8") if p in be.precisions)
+        if not self.checkpoint.is_file():
+            raise ConfigError(f"--model {self.checkpoint}: no such checkpoint (a best.pt of `edge-compress train` "
+                              "or a model.pt of `edge-compress compress`)")
+        if not (self.data / "annotations").is_dir():
+            raise DataError(f"--data {self.data}: not a dataset folder (expected annotations/ and images/; "
+                            "`edge-compress data synth` makes one)")
+        self.model = load_detector(self.checkpoint).cpu().eval()
+        self.train_ds, self.val_ds = open_data(self.model, self.data)
+        check_reachable(self.device)
+
+    def _identity(self) -> dict[str, Any]:
+        from edge_compress.artifact import sha256_file
+
+        return {"checkpoint_sha256": sha256_file(self.checkpoint), "data": str(self.data.resolve()),
+                "device": self.device.name, "backend": self.backend, "space": self.space.fingerprint(),
+                "threads": self.threads, "search": self.config.search_dict()}
+
+    # ---- the run
+
+    def run(self) -> FitResult:
+        self.log(f"fit: {self.model.name} on '{self.device.name}' with {self.backend}, {self.threads} thread(s); "
+                 f"{len(self.space.knobs)} pruning knobs x {len(self.space.ratios)} ratios, "
+                 f"{len(self.space.precision_layers)} precision layers; budget {self._budget_text()}"
+                 + (f"; resuming {self.out} ({len(self.state.valid())} measurements)" if self.state.resumed else ""))
+        rounds = self.state.data["rounds"]
+        if rounds and rounds[-1]["passed"] and Path(rounds[-1]["artifact"]).is_dir():
+            self.log(f"fit: {self.out} is finished already; its result is returned as it is")
+            return self._finish()
+        self._recover_from_store()
+        self._sensitivity()
+        self._baselines()
+        self._initial_samples()
+        for round_no in range(len(self.state.data["rounds"]), self.config.verify_rounds):
+            self._explore()
+            chosen = self._choose()
+            if self._finalize(chosen, round_no):
+                return self._finish()
+            self._tighten()
+        raise FitError(f"no result met the budget on the device after {self.config.verify_rounds} verification "
+                       f"rounds (see {self.out / 'state.json'} 'rounds'); raise --verify-rounds or the budget")
+
+    def _budget_text(self) -> str:
+        c = self.config
+        parts = [f"{c.budget_ms:g} ms at {c.percentile}" if c.budget_ms else "",
+                 f"{c.budget_mj:g} mJ" if c.budget_mj else "", f"{c.budget_bytes} bytes" if c.budget_bytes else ""]
+        return ", ".join(p for p in parts if p)
+
+    # ---- 2. sensitivity
+
+    def _sensitivity(self) -> None:
+        if not self.sens.complete:
+            self.log(f"sensitivity: {len(self.space.knobs)} knobs x {len(self.space.ratios) - 1} ratios, "
+                     f"{len(self.space.precision_layers)} int8 layers on {self.config.sensitivity_images} val images")
+            from edge_compress.pipeline import open_split
+
+            spec = self.model.input_spec
+            plain_train = open_split(self.data, "train", (spec.height, spec.width), augment=False)
+            self.sens.measure(self.model, self.val_ds, plain_train, self.config.sensitivity_images, self.log)
+        self.log(f"sensitivity: baseline AP {self.sens.data['baseline_ap']:.4f}")
+
+    # ---- 3. baselines and the floor
+
+    def _baselines(self) -> None:
+        base = self.space.baseline()
+        probe = self._measure([base], "probe", force=True)   # this session's environment, every start
+        if not probe or "error" in probe[0]:
+            raise FitError(f"the uncompressed model could not be measured on '{self.device.name}': "
+                           f"{probe[0].get('error') if probe else 'nothing returned'}")
+        self._set_environment(probe[0]["environment"])
+        extra = [self.space.uniform(0.0, True)] if self.space.precision_layers else []
+        self._measure(extra + [self.space.smallest()], "baselines")
+        floor = self._latest(self.space.smallest())
+        if floor is None:
+            raise FitError("the smallest candidate could not be built or measured; see state.json builds_failed")
+        self._check_floor(floor)
+
+    def _set_environment(self, env: dict[str, Any]) -> None:
+        """Measurements of another environment (runtime version, device settings, threads) go stale."""
+        self.env = env
+        key = environment_key(env)
+        stale = [m for m in self.state.data["measurements"]
+                 if "environment" in m and environment_key(m["environment"]) != key and not m.get("stale")]
+        for m in stale:
+            old = m["environment"]
+            m["stale"] = "measured in another environment: " + ", ".join(
+                f"{k} {old.get(k)} -> {env.get(k)}" for k in env if old.get(k) != env.get(k))
+        if stale:
+            self.log(f"latency model: {len(stale)} stored measurements are stale ({stale[0]['stale']}); "
+                     "they are kept in state.json but not used")
+            self.state.save()
+
+    def _check_floor(self, floor: dict[str, Any]) -> None:
+        for name, limit in self.config.constraints().items():
+            value = self._value(floor, name)
+            if value is not None and value > limit:
+                raise FitError(
+                    f"budget {name} {limit:g} is below the floor on '{self.device.name}' with {self.backend}: "
+                    f"the smallest candidate of the search space (every knob pruned by {max(self.space.ratios):g}"
+                    f"{', every layer int8' if self.space.precision_layers else ''}) measures {value:.4g}. "
+                    f"Raise the budget above {value:.4g}, or widen the space (larger --ratios)")
+
+    # ---- 4. sampling and search
+
+    def _initial_samples(self) -> None:
+        have = len(self.state.valid())
+        want = self.config.initial_samples + 3
+        if have >= want:
+            return
+        picks: list[Candidate] = []
+        for r in self.space.ratios[1:-1]:
+            picks += [self.space.uniform(r, True)] if self.space.precision_layers else []
+            picks += [self.space.uniform(r, False)]
+        while len(picks) < self.config.initial_samples * 3:
+            picks.append(self.space.random(self.rng))
+        todo = [c for c in dict.fromkeys(picks) if c.key() not in self.state.measured_keys()]
+        self._measure(todo[:want - have], "initial samples")
+
+    def _explore(self) -> None:
+        for _ in range(self.config.search_rounds):
+            if len(self.state.valid()) >= self.config.max_measurements:
+                break
+            models = self._fit_models()
+            proposals = self._propose(models)
+            adaptive = self._adaptive(models["latency_ms"] if "latency_ms" in models else None, proposals)
+            room = self.config.max_measurements - len(self.state.valid())
+            todo = list(dict.fromkeys(proposals[:max(1, self.config.batch - ADAPTIVE_PER_ROUND)] + adaptive))
+            todo = [c for c in todo if c.key() not in self.state.measured_keys()][:room]
+            if not todo:
+                self.log("search: every proposal is measured already; the search has converged")
+                break
+            self._measure(todo, f"search round ({len(self.state.valid())} measured)")
+
+    def _memo(self, models: dict[str, LatencyModel], tighten: float = 1.0) -> Memo:
+        limits = {k: v * self.state.data["scale"].get(k, 1.0) * tighten
+                  for k, v in self.config.constraints().items()}
+
+        def cost(c: Candidate) -> float:
+            x = self._x(c)
+            return max(float(models[k].predict(self._feats(k, x, c))) / lim for k, lim in limits.items())
+
+        return Memo(cost, self.sens.estimate)
+
+    def _propose(self, models: dict[str, LatencyModel]) -> list[Candidate]:
+        """Greedy and evolutionary picks at the budget and at the budget less the model's error margin."""
+        margin = self._margin()
+        out: list[Candidate] = []
+        for tighten in (1.0, 1.0 - margin):
+            m = self._memo(models, tighten)
+            g = greedy(self.space, m)
+            evo = evolve(self.space, m, self.rng, seeds=[g] if g else [])
+            out += ([g] if g else []) + evo[:2]
+        return list(dict.fromkeys(out))
+
+    def _adaptive(self, model: LatencyModel | None, proposals: list[Candidate]) -> list[Candidate]:
+        """Candidates near the budget where the latency model is least sure (see ``sampling_scores``)."""
+        if model is None:
+            return []
+        m = self._memo({"latency_ms": model, **{k: v for k, v in self._fit_models().items() if k != "latency_ms"}})
+        pool = [c for c in evolve(self.space, Memo(lambda c: abs(m.cost(c) - 1.0) * 5, m.acc), self.rng,
+                                  population=32, generations=10)
+                if c.key() not in self.state.measured_keys() and c not in proposals]
+        if not pool:
+            return []
+        x_seen, y_seen = self._design("latency_ms")
+        scores = sampling_scores(model, np.array([self._x(c) for c in pool]), x_seen, y_seen)
+        return [pool[i] for i in np.argsort(-scores)[:ADAPTIVE_PER_ROUND]]
+
+    def _margin(self) -> float:
+        rep = self._holdout()
+        p95 = rep.get("p95_abs_rel_err")
+        return float(min(max(p95 if p95 is not None else 0.05, 0.02), 0.2))
+
+    # ---- the latency (and energy, size) models
+
+    def _x(self, c: Candidate) -> np.ndarray:
+        return features(self.space.layers(c))
+
+    def _feats(self, name: str, x: np.ndarray, c: Candidate) -> np.ndarray:
+        return self._size_x(c) if name == "size_bytes" else x
+
+    def _size_x(self, c: Candidate) -> np.ndarray:
+        """Size features: a constant and the weights (parameters) held in fp32 and in int8."""
+        p32 = p8 = 0.0
+        for row in self.space.layers(c):
+            params = row.macs / max(self.space.convs[row.name].pixels, 1)
+            p8 += params if row.precision == "int8" else 0.0
+            p32 += params if row.precision != "int8" else 0.0
+        return np.array([1.0, p32 / 1e6, p8 / 1e6])
+
+    def _value(self, m: dict[str, Any], name: str) -> float | None:
+        return {"latency_ms": m.get(self.config.percentile), "energy_mj": m.get("energy_mj"),
+                "size_bytes": m.get("size_bytes")}[name]
+
+    def _usable(self) -> list[dict[str, Any]]:
+        return [m for m in self.state.valid() if m.get("candidate")]
+
+    def _design(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = [(m, self._value(m, name)) for m in self._usable()]
+        rows = [(m, v) for m, v in rows if v is not None]
+        if not rows:
+            return np.zeros((0, 1)), np.zeros(0)
+        cands = [Candidate.from_dict(m["candidate"]) for m, _ in rows]
+        x = np.array([self._feats(name, self._x(c), c) for c in cands])
+        return x, np.array([v for _, v in rows], float)
+
+    def _fit_models(self) -> dict[str, LatencyModel]:
+        models = {}
+        for name in self.config.constraints():
+            x, y = self._design(name)
+            if len(y) < 3:
+                raise FitError(f"only {len(y)} candidates have a measured {name}; the {name} model needs 3 "
+                               "(does the device's energy sensor report energy? see `edge-compress profile`)")
+            models[name] = fit_latency(x, y, self.env or {})
+        return models
+
+    def _holdout(self) -> dict[str, Any]:
+        usable = [m for m in self._usable() if m.get(self.config.percentile) is not None]
+        if not usable:
+            return {}
+        x, y = self._design("latency_ms")
+        held = np.array([bool(m.get("heldout")) for m in usable])
+        return holdout_report(x, y, held, self.env or {}, [m["key"] for m in usable])
+
+    # ---- measuring
+
+    def _heldout(self, key: str) -> bool:
+        return int(key[:8], 16) % 1000 < self.config.holdout * 1000
+
+    def _measure(self, cands: list[Candidate], label: str, force: bool = False) -> list[dict[str, Any]]:
+        """Build (in parallel) then measure (one at a time) ``cands``; every result goes into the state."""
+        todo = [c for c in dict.fromkeys(cands) if force or c.key() not in self.state.measured_keys()]
+        if not todo:
+            return []
+        self.log(f"{label}: building {len(todo)} candidate(s) for {self.backend}")
+        built = self.executor.map(build_candidate, [self._build_job(c) for c in todo])
+        results = []
+        for c, b in zip(todo, built):
+            if "error" in b:
+                self.state.data["builds_failed"][c.key()] = b["error"]
+                self.state.save()
+                self.log(f"  {c.key()}: build failed: {b['error']}")
+                results.append(b)
+                continue
+            m = self.executor.measure_all(measure_candidate, [self._measure_job(c, b["artifact"])],
+                                          self.device.connection == "local")[0]
+            m.update(candidate=c.to_dict(), heldout=self._heldout(c.key()), est_ap=self.sens.estimate(c))
+            self.state.add_measurement(m)
+            results.append(m)
+            self.log(self._measure_line(c, m))
+        return results
+
+    def _measure_line(self, c: Candidate, m: dict[str, Any]) -> str:
+        n = len(self.state.valid())
+        if "error" in m:
+            return f"  [{n}/{self.config.max_measurements}] {c.key()}: measurement failed: {m['error']}"
+        return (f"  [{n}/{self.config.max_measurements}] {c.key()}: {self.config.percentile} "
+                f"{m[self.config.percentile]:.3f} ms, est AP {m['est_ap']:.4f}"
+                + (" (held out)" if m["heldout"] else ""))
+
+    def _build_job(self, c: Candidate, out: Path | None = None) -> BuildJob:
+        folder = out or self.out / "candidates" / f"{c.key()}-{len(self.state.data['measurements']):04d}"
+        return BuildJob(str(self.checkpoint), c.key(), self.space.prune_ratios(c), self.space.round_to,
+                        self.space.min_channels, self.space.keep_fp32(c), self.space.any_int8(c), self.backend,
+                        str(self.data), str(folder), self.threads, 8, self.state.run_id)
+
+    def _measure_job(self, c: Candidate, artifact: str, keep: bool = False, per_layer: bool = False) -> MeasureJob:
+        from edge_compress.profile.profiler import ProfileSettings
+
+        energy = self.device.energy_sensor if self.config.budget_mj is not None else "none"
+        settings = ProfileSettings(warmup=5, min_repeats=20, max_seconds=self.config.profile_seconds,
+                                   threads=self.threads, per_layer=per_layer, energy=energy)
+        return MeasureJob(c.key(), artifact, self.device.to_dict(), settings.to_dict(), str(self.store), keep,
+                          {"run": self.state.run_id, "space": self.space.fingerprint(), "candidate_dict": c.to_dict()})
+
+    def _latest(self, c: Candidate) -> dict[str, Any] | None:
+        found = [m for m in self.state.valid() if m["key"] == c.key()]
+        return found[-1] if found else None
+
+    def _recover_from_store(self) -> None:
+        """Measurements filed in the store after the last state write (an interrupted run)."""
+        from edge_compress.fit.measure import summarize_record
+        from edge_compress.profile.store import ProfileStore
+
+        known = self.state.known_records()
+        entries = ProfileStore(self.store).list(device=self.device.name, backend=self.backend)
+        found = [e for e in entries if e.record.get("fit", {}).get("run") == self.state.run_id
+                 and str(e.path) not in known]
+        for e in found:
+            c = Candidate.from_dict(e.record["fit"]["candidate_dict"])
+            m = summarize_record(c.key(), e.record, e.path)
+            m.update(candidate=c.to_dict(), heldout=self._heldout(c.key()), est_ap=None, recovered=True)
+            self.state.data["measurements"].append(m)
+        if found:
+            self.state.save()
+            self.log(f"resume: {len(found)} measurement(s) recovered from the profile store")
+
+    # ---- 5. choice
+
+    def _meets(self, m: dict[str, Any], scaled: bool = True) -> bool:
+        for name, limit in self.config.constraints().items():
+            value = self._value(m, name)
+            lim = limit * (self.state.data["scale"].get(name, 1.0) if scaled else 1.0)
+            if value is None or value > lim:
+                return False
+        return True
+
+    def _choose(self) -> Candidate:
+        feasible = {m["key"]: m for m in self._usable() if self._meets(m)}
+        if not feasible:
+            raise FitError(f"no measured candidate meets the budget ({self._budget_text()}) on the device; "
+                           "raise --max-measurements or the budget")
+        ranked = sorted(feasible.values(), key=lambda m: self.sens.estimate(Candidate.from_dict(m["candidate"])),
+                        reverse=True)
+        top = [Candidate.from_dict(m["candidate"]) for m in ranked[:max(1, self.config.check_candidates)]]
+        if self.config.check_candidates == 0 or self.config.check_epochs == 0:
+            return top[0]
+        self._check(top)
+        checks = self.state.data["checks"]
+        return max(top, key=lambda c: checks[c.key()]["ap"])
+
+    def _check(self, cands: list[Candidate]) -> None:
+        todo = [c for c in cands if c.key() not in self.state.data["checks"]]
+        if not todo:
+            return
+        self.log(f"check: {len(todo)} candidate(s), {self.config.check_epochs} epoch(s) of fine-tune with "
+                 "distillation each, mAP on the val split")
+        jobs = [self._finetune_job(c, self.out / "checks" / c.key(), self.config.check_epochs) for c in todo]
+        for c, r in zip(todo, self.executor.map(finetune_candidate, jobs)):
+            self.state.data["checks"][c.key()] = {"ap": r["ap"], "ap50": r["ap50"], "est_ap": self.sens.estimate(c),
+                                                  "epochs": r["epochs"], "seconds": r["seconds"]}
+            self.state.save()
+            self.log(f"  {c.key()}: AP {r['ap']:.4f} after {r['epochs']} epoch(s) (estimate {self.sens.estimate(c):.4f})")
+            shutil.rmtree(self.out / "checks" / c.key(), ignore_errors=True)
+
+    def _finetune_job(self, c: Candidate, out: Path, epochs: int) -> FinetuneJob:
+        shutil.rmtree(out, ignore_errors=True)   # a half-finished fine-tune of an interrupted run
+        return FinetuneJob(str(self.checkpoint), c.key(), self.space.prune_ratios(c), self.space.round_to,
+                           self.space.min_channels, str(self.data), str(out), epochs, self.config.finetune_lr,
+                           seed=self.config.seed)
+
+    # ---- 6. result and verification
+
+    def _finalize(self, c: Candidate, round_no: int) -> bool:
+        from edge_compress.export import export_model
+        from edge_compress.quant import QuantConfig
+        from edge_compress.train import load_detector
+
+        folder = self.out / f"round{round_no}"
+        shutil.rmtree(folder, ignore_errors=True)
+        self.log(f"result round {round_no}: {c.key()}, {self.config.finetune_epochs} epoch(s) of fine-tune with "
+                 "distillation, export, verification on the device")
+        ft = self.executor.map(finetune_candidate, [self._finetune_job(c, folder / "model",
+                                                                       self.config.finetune_epochs)])[0]
+        model = load_detector(ft["checkpoint"])
+        quant = QuantConfig(num_images=self.config.calib_images, keep_fp32=self.space.keep_fp32(c)) \
+            if self.space.any_int8(c) else None
+        art = export_model(model, self.backend, folder / "artifact", quant=quant, data=self.data,
+                           threads=self.threads, recipe={"steps": [], "fit": {"run": self.state.run_id,
+                                                                                "candidate": c.key()}})
+        m = self.executor.measure_all(measure_candidate, [self._measure_job(c, str(art.path), keep=True,
+                                                                            per_layer=True)],
+                                      self.device.connection == "local")[0]
+        if "error" in m:
+            raise FitError(f"the result could not be measured on '{self.device.name}': {m['error']}")
+        passed = self._meets(m, scaled=False)
+        metrics = art.manifest["metrics"]
+        self.state.data["rounds"].append({
+            "round": round_no, "candidate": c.to_dict(), "key": c.key(), "scale": dict(self.state.data["scale"]),
+            "search_budget_ms": (self.config.budget_ms or 0) * self.state.data["scale"].get("latency_ms", 1.0),
+            "measured": m, "measured_ms": m[self.config.percentile], "passed": passed, "artifact": str(art.path),
+            "ap": metrics["map"]["ap"], "ap50": metrics["map"]["ap50"], "finetune": ft,
+            "map_fp32": metrics.get("map_fp32", {}).get("ap")})
+        self.state.save()
+        self.log(f"  measured {self.config.percentile} {m[self.config.percentile]:.3f} ms, runtime AP "
+                 f"{metrics['map']['ap']:.4f}: {'meets' if passed else 'MISSES'} the budget")
+        return passed
+
+    def _tighten(self) -> None:
+        last = self.state.data["rounds"][-1]["measured"]
+        for name, limit in self.config.constraints().items():
+            value = self._value(last, name)
+            if value is not None and value > limit:
+                s = self.state.data["scale"].get(name, 1.0)
+                self.state.data["scale"][name] = s * SAFETY * limit / value
+        self.state.save()
+        self.log(f"tightened the search budget: {self.state.data['scale']}")
+
+    # ---- 7. outputs
+
+    def _finish(self) -> FitResult:
+        from edge_compress.fit.report import write_report
+        from edge_compress.io import write_json_atomic
+
+        last = self.state.data["rounds"][-1]
+        final = self.out / "artifact"
+        if not final.exists():
+            shutil.copytree(last["artifact"], final)
+        result = self.report_data(last, final)
+        self.state.data["result"] = result["result"]
+        self.state.save()
+        write_json_atomic(self.out / "fit_result.json", result)
+        report = write_report(result, self.out / "report.html")
+        self.log(f"fit: {final} ({self.config.percentile} {last['measured_ms']:.3f} ms, AP {last['ap']:.4f}); "
+                 f"report {report}")
+        return FitResult(self.out, final, report, result)
+
+    def report_data(self, last: dict[str, Any], artifact: Path) -> dict[str, Any]:
+        """The JSON the report renders (and ``fit_result.json`` holds)."""
+        c = Candidate.from_dict(last["candidate"])
+        return {
+            "model": {"name": self.model.name, "family": self.model.family}, "device": self.device.name,
+            "backend": self.backend, "threads": self.threads,
+            "budget": {"latency_ms": self.config.budget_ms, "percentile": self.config.percentile,
+                       "energy_mj": self.config.budget_mj, "size_bytes": self.config.budget_bytes},
+            "baselines": self._baseline_points(), "candidates": self._candidate_points(),
+            "result": {"key": c.key(), "latency_ms": last["measured_ms"], "ap": last["ap"], "ap50": last["ap50"],
+                       "energy_mj": last["measured"].get("energy_mj"),
+                       "energy_label": last["measured"].get("energy_label"),
+                       "size_bytes": last["measured"].get("size_bytes"), "artifact": str(artifact),
+                       "record": last["measured"].get("record"),
+                       "rounds": [{"round": r["round"], "search_budget_ms": r["search_budget_ms"],
+                                   "measured_ms": r["measured_ms"], "passed": r["passed"]}
+                                  for r in self.state.data["rounds"]]},
+            "layers": [row.to_dict() for row in self.space.layers(c)],
+            "latency_model": {**self._holdout(), "environment": self.env or {},
+                              "coefficients": fit_latency(*self._design("latency_ms"), self.env or {}).to_dict()},
+            "notes": self._notes(),
+        }
+
+    def _baseline_points(self) -> list[dict[str, Any]]:
+        points = []
+        named = [("fp32", self.space.baseline())]
+        if self.space.precision_layers:
+            named.append(("int8 everywhere", self.space.uniform(0.0, True)))
+        named.append(("smallest (floor)", self.space.smallest()))
+        for name, c in named:
+            m = self._latest(c)
+            if m is not None:
+                points.append({"name": name, "latency_ms": m[self.config.percentile],
+                               "ap": self.sens.data["baseline_ap"] if name == "fp32" else None,
+                               "est_ap": self.sens.estimate(c), "size_bytes": m.get("size_bytes")})
+        return points
+
+    def _candidate_points(self) -> list[dict[str, Any]]:
+        ms = [m for m in self._usable() if m.get(self.config.percentile) is not None]
+        models = self._fit_models() if len(ms) >= 3 else {}
+        pts = []
+        for m in ms:
+            c = Candidate.from_dict(m["candidate"])
+            pred = float(models["latency_ms"].predict(self._x(c))) if "latency_ms" in models else None
+            check = self.state.data["checks"].get(m["key"], {})
+            pts.append({"key": m["key"], "measured_ms": m[self.config.percentile], "predicted_ms": pred,
+                        "est_ap": self.sens.estimate(c), "ap": check.get("ap"), "heldout": bool(m.get("heldout")),
+                        "energy_mj": m.get("energy_mj"), "size_bytes": m.get("size_bytes"), "pareto": False})
+        for i in pareto([(p["measured_ms"], p["ap"] if p["ap"] is not None else p["est_ap"]) for p in pts]):
+            pts[i]["pareto"] = True
+        return pts
+
+    def _notes(self) -> list[str]:
+        n_stale = sum(1 for m in self.state.data["measurements"] if m.get("stale"))
+        notes = [f"{len(self._usable())} candidates measured on '{self.device.name}' ({self.backend}, "
+                 f"{self.threads} thread(s)); {len(self.state.data['builds_failed'])} failed to build",
+                 "estimated AP: baseline AP minus the per-layer sensitivity drops (no fine-tune); measured AP: "
+                 "after the check fine-tune (candidates) or the final fine-tune, through the runtime (result)",
+                 "latency-model error: fitted without the held-out candidates, measured on them; the search uses "
+                 "a fit on all measurements"]
+        if n_stale:
+            notes.append(f"{n_stale} measurements from another environment were not used (see state.json)")
+        return notes

@@ -1,0 +1,173 @@
+"""``fit`` end to end on a tiny detector with ONNX Runtime on this machine: result within budget on the
+device, report, resumable state, no measurement lost when interrupted, and the early errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edge_compress.errors import ArtifactError, ConfigError
+from edge_compress.fit import FitConfig, FitError, fit
+from edge_compress.fit.state import STATE
+from edge_compress.profile.remote import RemoteError
+from edge_compress.profile.store import ProfileStore
+
+SMALL = dict(ratios=(0.0, 0.5), sensitivity_images=8, initial_samples=3, max_measurements=10, search_rounds=2,
+             batch=3, check_candidates=1, check_epochs=1, finetune_epochs=1, calib_images=8, verify_rounds=2,
+             profile_seconds=1.0)
+
+
+@pytest.fixture(scope="module")
+def devices(tmp_path_factory):
+    p = tmp_path_factory.mktemp("devices") / "devices.yaml"
+    p.write_text("devices:\n  local:\n    connection: local\n    backends: [onnxruntime]\n    threads: 1\n"
+                 "    energy_sensor: estimate\n"
+                 "  board:\n    connection: agent\n    host: 127.0.0.1\n    port: 9\n    token_env: EC_TEST_TOKEN\n"
+                 "    backends: [onnxruntime]\n")
+    return p
+
+
+@pytest.fixture(scope="module")
+def fp32_bytes(tiny_checkpoint, tmp_path_factory):
+    from edge_compress.export import export_checkpoint
+
+    art = export_checkpoint(tiny_checkpoint, "onnxruntime", tmp_path_factory.mktemp("fp32") / "a")
+    return art.manifest["metrics"]["model_bytes"]
+
+
+def _fit(ckpt, data, out, devices, store, **kw):
+    cfg = {**SMALL, **{k: v for k, v in kw.items() if k not in ("backend", "device", "log")}}
+    lines = []
+    res = fit(ckpt, data, FitConfig(**cfg), out, device=kw.get("device", "local"),
+              backend=kw.get("backend", "onnxruntime"), devices_path=devices, store=store, executor="inline",
+              log=kw.get("log", lines.append))
+    return res, lines
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_checkpoint, tiny_synth, devices, fp32_bytes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fit")
+    budget = int(0.5 * fp32_bytes)
+    res, lines = _fit(tiny_checkpoint, tiny_synth, root / "out", devices, root / "profiles",
+                      budget_bytes=budget, budget_ms=1000.0)
+    return res, lines, root, budget
+
+
+def test_result_meets_the_budget_measured_on_the_device(finished):
+    res, lines, root, budget = finished
+    r = res.result["result"]
+    assert r["size_bytes"] <= budget and r["latency_ms"] <= 1000.0
+    assert (res.artifact / "manifest.json").is_file()
+    manifest = json.loads((res.artifact / "manifest.json").read_text())
+    assert manifest["metrics"]["model_bytes"] == r["size_bytes"]
+    assert 0.0 <= r["ap"] <= 1.0 and r["ap"] == manifest["metrics"]["map"]["ap"]     # mAP through the runtime
+    assert r["rounds"][-1]["passed"]
+
+
+def test_every_measurement_is_in_the_profile_store(finished):
+    res, _, root, _ = finished
+    state = json.loads((res.out / STATE).read_text())
+    ms = [m for m in state["measurements"] if "record" in m]
+    assert len(ms) >= 6
+    stored = {str(e.path) for e in ProfileStore(root / "profiles").list(device="local", backend="onnxruntime")
+              if e.record.get("fit", {}).get("run") == state["run"]}
+    assert {m["record"] for m in ms} <= stored
+    assert state["checks"] and len(state["rounds"]) >= 1
+
+
+def test_report_and_result_json(finished):
+    res, _, _, _ = finished
+    html = res.report.read_text()
+    for needle in ('id="pareto"', 'id="latency-model"', 'id="layers"', 'id="summary"'):
+        assert needle in html
+    data = json.loads((res.out / "fit_result.json").read_text())
+    lm = data["latency_model"]
+    assert lm["n_fit"] + lm["n_heldout"] == len([c for c in data["candidates"]])
+    assert len(data["layers"]) == len(res.result["layers"]) > 5
+    assert {b["name"] for b in data["baselines"]} >= {"fp32", "int8 everywhere", "smallest (floor)"}
+
+
+def test_a_finished_run_is_returned_not_redone(finished, tiny_checkpoint, tiny_synth, devices):
+    res, _, root, budget = finished
+    before = json.loads((res.out / STATE).read_text())
+    again, lines = _fit(tiny_checkpoint, tiny_synth, res.out, devices, root / "profiles",
+                        budget_bytes=budget, budget_ms=1000.0)
+    assert any("finished already" in s for s in lines)
+    assert json.loads((res.out / STATE).read_text())["measurements"] == before["measurements"]
+    assert again.result["result"]["key"] == res.result["result"]["key"]
+
+
+def test_interrupted_run_loses_no_measurement(tiny_checkpoint, tiny_synth, devices, fp32_bytes, tmp_path,
+                                              monkeypatch):
+    import edge_compress.fit.run as run_mod
+
+    real, calls = run_mod.measure_candidate, []
+
+    def dies_on_fifth(job):
+        calls.append(job.key)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(run_mod, "measure_candidate", dies_on_fifth)
+    kw = dict(budget_bytes=int(0.5 * fp32_bytes), budget_ms=1000.0)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "profiles", **kw)
+    state_path = tmp_path / "out" / STATE
+    state = json.loads(state_path.read_text())
+    assert len(state["measurements"]) == 4
+    # a kill between filing the record and writing the state: the store still has it
+    lost = state["measurements"].pop()
+    state_path.write_text(json.dumps(state))
+    monkeypatch.setattr(run_mod, "measure_candidate", real)
+    res, lines = _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "profiles", **kw)
+    assert any("1 measurement(s) recovered" in s for s in lines)
+    final = json.loads(state_path.read_text())["measurements"]
+    assert lost["record"] in {m["record"] for m in final}
+    keys = [m["key"] for m in final]
+    baseline_key = final[0]["key"]
+    assert len([k for k in keys if k != baseline_key]) == len(set(k for k in keys if k != baseline_key))
+    assert res.result["result"]["size_bytes"] <= kw["budget_bytes"]
+
+
+def test_impossible_budget_names_the_floor(tiny_checkpoint, tiny_synth, devices, tmp_path):
+    with pytest.raises(FitError, match=r"below the floor.*measures \d+") as e:
+        _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "p", budget_bytes=1000)
+    assert "Raise the budget above" in str(e.value)
+
+
+def test_backend_the_device_lacks_is_an_early_error(tiny_checkpoint, tiny_synth, devices, tmp_path):
+    with pytest.raises(ConfigError, match=r"has backends \['onnxruntime'\]; 'openvino' is not among them"):
+        _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "p", budget_ms=5.0,
+             backend="openvino")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_device_is_an_early_error(tiny_checkpoint, tiny_synth, devices, tmp_path, monkeypatch):
+    monkeypatch.setenv("EC_TEST_TOKEN", "t" * 40)
+    with pytest.raises(RemoteError, match="does not answer"):
+        _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "p", budget_ms=5.0, device="board")
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_is_never_overwritten_or_mixed(finished, tiny_checkpoint, tiny_synth, devices, tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mine.txt").write_text("keep")
+    with pytest.raises(ArtifactError, match="not a fit run"):
+        _fit(tiny_checkpoint, tiny_synth, tmp_path / "other", devices, tmp_path / "p", budget_ms=5.0)
+    res, _, root, _ = finished
+    with pytest.raises(ArtifactError, match="another setup"):
+        _fit(tiny_checkpoint, tiny_synth, res.out, devices, root / "profiles", budget_ms=5.0,
+             ratios=(0.0, 0.25))
+
+
+def test_cli_exit_code_and_message(tiny_checkpoint, tiny_synth, devices, tmp_path, capsys):
+    from edge_compress.cli.main import main
+
+    rc = main(["fit", "--model", str(tiny_checkpoint), "--data", str(tiny_synth), "--backend", "openvino",
+               "--devices", str(devices), "--budget-ms", "5", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "'openvino' is not among them" in capsys.readouterr().err
+    rc = main(["fit", "--model", str(tiny_checkpoint), "--data", str(tiny_synth), "--backend", "onnxruntime",
+               "--devices", str(devices), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "needs a budget" in capsys.readouterr().err

@@ -1,0 +1,101 @@
+"""The latency model: per-layer cost terms fitted by NNLS on relative error, its held-out report,
+adaptive sampling and the environment key."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from edge_compress.errors import ConfigError
+from edge_compress.fit.latency import (environment_key, feature_names, features, fit_latency, holdout_report,
+                                       relative_errors, sampling_scores)
+from edge_compress.fit.space import SearchSpace
+from edge_compress.models import create_detector
+
+
+@pytest.fixture(scope="module")
+def space():
+    torch.manual_seed(0)
+    return SearchSpace(create_detector("yolo_tiny", class_names=("a",), input_size=96).eval())
+
+
+def _design(space, n, seed=0):
+    rng = random.Random(seed)
+    cands = [space.baseline(), space.smallest()] + [space.random(rng) for _ in range(n - 2)]
+    return cands, np.array([features(space.layers(c)) for c in cands])
+
+
+def _truth(x):
+    """A device whose int8 convs cost 0.3x fp32 per MAC and where every element costs a little."""
+    w = np.zeros(len(feature_names()))
+    names = feature_names()
+    w[0] = 0.4
+    for i, n in enumerate(names):
+        if n.startswith("macs["):
+            w[i] = (0.004 if ",int8]" in n else 0.012) * (3.0 if "depthwise" in n else 1.0)
+        elif n.startswith("out_elems["):
+            w[i] = 0.002
+    w[names.index("int8_input_elems")] = 0.001
+    return x @ w
+
+
+def test_features_sum_layer_terms(space):
+    c = space.uniform(0.25, True)
+    rows = space.layers(c)
+    x = features(rows)
+    assert x[0] == 1.0 and len(x) == len(feature_names())
+    assert np.isclose(sum(x[1:7]) * 1e6, sum(r.macs for r in rows))
+    assert np.isclose(x[-1] * 1e5, sum(r.in_elems for r in rows if r.precision == "int8"))
+
+
+def test_fit_recovers_a_linear_device(space):
+    cands, x = _design(space, 40)
+    y = _truth(x) * np.random.default_rng(0).normal(1.0, 0.01, len(x))   # 1% timing noise
+    model = fit_latency(x[:30], y[:30], {"device": "d"})
+    err = relative_errors(model, x[30:], y[30:])
+    assert np.abs(err).max() < 0.04
+    assert (model.coef >= 0).all()
+    per_layer = model.layer_costs(space.layers(cands[0]))
+    assert np.isclose(sum(per_layer.values()) + model.coef[0], model.predict(x[0]))
+
+
+def test_holdout_report_counts_only_unseen_candidates(space):
+    cands, x = _design(space, 24, seed=1)
+    y = _truth(x)
+    held = np.arange(24) % 4 == 0
+    rep = holdout_report(x, y, held, {"device": "d"}, [c.key() for c in cands])
+    assert rep["n_fit"] == 18 and rep["n_heldout"] == 6 and len(rep["heldout"]) == 6
+    assert rep["within_10pct"] == 1.0 and rep["p95_abs_rel_err"] < 0.02
+    assert {h["key"] for h in rep["heldout"]} == {cands[i].key() for i in np.flatnonzero(held)}
+    # a model that cannot explain the device is reported as such, not hidden
+    bad = y * np.where(np.arange(24) % 2 == 0, 1.0, 1.6)
+    assert holdout_report(x, bad, held, {}, [])["within_10pct"] < 1.0
+    assert "too few" in holdout_report(x[:3], y[:3], np.array([True, False, False]), {}, [])["note"]
+
+
+def test_sampling_prefers_unexplored_and_badly_predicted_regions(space):
+    cands, x = _design(space, 30, seed=2)
+    y = _truth(x)
+    light = np.array([c.int8.count(True) == 0 for c in cands])     # fit only on fp32-only candidates
+    seen_x, seen_y = x[light | (np.arange(30) < 2)], y[light | (np.arange(30) < 2)]
+    model = fit_latency(seen_x, seen_y, {})
+    new = np.array([features(space.layers(space.uniform(0.25, True))),
+                    features(space.layers(space.uniform(0.25, False)))])
+    s = sampling_scores(model, new, seen_x, seen_y)
+    assert s[0] > s[1]
+
+
+def test_environment_key_changes_with_the_runtime():
+    a = {"device": "local", "backend": "openvino", "runtime_version": "2026.4.1", "threads": 1}
+    assert environment_key(a) == environment_key(dict(reversed(list(a.items()))))
+    assert environment_key(a) != environment_key({**a, "runtime_version": "2026.5.0"})
+    assert environment_key(a) != environment_key({**a, "threads": 2})
+
+
+def test_bad_measurements_are_errors(space):
+    _, x = _design(space, 5)
+    with pytest.raises(ConfigError, match="at least 3"):
+        fit_latency(x[:2], np.array([1.0, 2.0]), {})
+    with pytest.raises(ConfigError, match="<= 0"):
+        fit_latency(x[:3], np.array([1.0, 0.0, 2.0]), {})
