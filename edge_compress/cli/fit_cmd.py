@@ -38,6 +38,7 @@ def add_parsers(verbs) -> None:
     p.add_argument("--finetune-epochs", dest="finetune_epochs", type=int, help="final fine-tune (default 4)")
     p.add_argument("--verify-rounds", dest="verify_rounds", type=int, help="tighten-and-repeat rounds (default 3)")
     p.add_argument("--profile-seconds", dest="profile_seconds", type=float, help="timing cap per candidate (10)")
+    p.add_argument("--sensitivity", type=Path, help="sensitivity.json of an earlier fit of this model (reused)")
     p.add_argument("--seed", type=int)
     p.add_argument("--executor", default="process", choices=EXECUTORS, help="where builds and fine-tunes run "
                                                                           "(default: a local process pool)")
@@ -57,7 +58,7 @@ def cmd_fit(args) -> int:
     config = FitConfig(**{k: getattr(args, k) for k in CONFIG_ARGS if getattr(args, k) is not None})
     res = fit(args.model, args.data, config, args.out, device=args.device, backend=args.backend,
               devices_path=args.devices, store=args.store, executor=args.executor, workers=args.workers,
-              ray_address=args.ray_address, log=lambda s: print(s, flush=True))
+              ray_address=args.ray_address, sensitivity=args.sensitivity, log=lambda s: print(s, flush=True))
     r = res.result["result"]
     print(f"\nartifact  {res.artifact}\nreport    {res.report}\n"
           f"latency   {r['latency_ms']:.3f} ms ({config.percentile}) on '{args.device}', budget "

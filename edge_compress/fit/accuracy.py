@@ -205,4 +205,5 @@ class Sensitivity:
         return d
 
     def estimate(self, c: Candidate) -> float:
-        return self.data["baseline_ap"] - self.drop(c)
+        """Baseline AP less the drops, floored at 0 (summed drops of a heavy candidate overshoot)."""
+        return max(0.0, self.data["baseline_ap"] - self.drop(c))

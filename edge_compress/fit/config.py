@@ -47,7 +47,7 @@ class FitConfig:
     check_candidates: int = 2
     check_epochs: int = 1
     finetune_epochs: int = 4
-    finetune_lr: float = 2e-3
+    finetune_lr: float = 1e-3
     calib_images: int = 64
     verify_rounds: int = 3
     profile_seconds: float = 10.0

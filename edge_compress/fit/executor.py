@@ -75,8 +75,8 @@ class RayExecutor(InlineExecutor):
         self._actor = None
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
-        task = self.ray.remote(fn)
-        return self.ray.get([task.remote(i) for i in items])
+        task = self.ray.remote(_apply)
+        return self.ray.get([task.remote(fn, i) for i in items])
 
     def measure_all(self, fn: Callable[[Any], Any], items: Iterable[Any], local_device: bool) -> list[Any]:
         if self._actor is None:
@@ -98,6 +98,11 @@ class RayExecutor(InlineExecutor):
             self.ray.shutdown()
 
 
+def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
+    """One job as a Ray task (Ray wraps Python functions only; this takes any callable)."""
+    return fn(item)
+
+
 class _DeviceSlot:
     """A Ray actor that runs one measurement at a time."""
 
@@ -108,7 +113,7 @@ class _DeviceSlot:
 def make_executor(name: str, workers: int | None = None, address: str | None = None) -> InlineExecutor:
     if name not in EXECUTORS:
         raise ConfigError(f"--executor {name!r} is unknown; choose one of: {', '.join(EXECUTORS)}")
-    workers = workers or min(2, os.cpu_count() or 1)
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ConfigError(f"--workers {workers} must be >= 1")
     if name == "inline" or (name == "process" and workers == 1):

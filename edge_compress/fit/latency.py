@@ -7,7 +7,7 @@ an int8 conv's QuantizeLinear/DequantizeLinear pairs become one int8 kernel with
 its requantisation, so one conv (with its BN, activation and, in int8, the
 re-quantisation of its input) is one unit of cost:
 
-    t(layer) = a[kind, precision] * MACs + b[kind, precision] * output elements
+    t(layer) = a[kind, precision] * MACs + b[precision] * output elements
                (+ q * input elements for an int8 layer: quantising its input)
 
 with ``kind`` in conv / pointwise / depthwise. The coefficients are non-negative
@@ -47,7 +47,7 @@ MACS_SCALE, ELEMS_SCALE = 1e6, 1e5
 def feature_names() -> list[str]:
     names = ["fixed"]
     names += [f"macs[{k},{p}]" for k in KINDS for p in PRECISION_TERMS]
-    names += [f"out_elems[{k},{p}]" for k in KINDS for p in PRECISION_TERMS]
+    names += [f"out_elems[{p}]" for p in PRECISION_TERMS]
     return names + ["int8_input_elems"]
 
 
@@ -57,9 +57,9 @@ def features(layers: Sequence[LayerRow]) -> np.ndarray:
     x[0] = 1.0
     nk, np_ = len(KINDS), len(PRECISION_TERMS)
     for row in layers:
-        j = KINDS.index(row.kind) * np_ + PRECISION_TERMS.index(row.precision)
-        x[1 + j] += row.macs / MACS_SCALE
-        x[1 + nk * np_ + j] += row.out_elems / ELEMS_SCALE
+        p = PRECISION_TERMS.index(row.precision)
+        x[1 + KINDS.index(row.kind) * np_ + p] += row.macs / MACS_SCALE
+        x[1 + nk * np_ + p] += row.out_elems / ELEMS_SCALE
         if row.precision == "int8":
             x[-1] += row.in_elems / ELEMS_SCALE
     return x
@@ -103,7 +103,7 @@ class LatencyModel:
     def to_dict(self) -> dict[str, Any]:
         return {"features": feature_names(), "coef": self.coef.tolist(), "environment": self.environment,
                 "environment_key": self.key, "n_fit": self.n_fit,
-                "form": "fixed + sum over convs of a[kind,prec]*MACs + b[kind,prec]*out elems (+ q*in elems, int8)"}
+                "form": "fixed + sum over convs of a[kind,prec]*MACs + b[prec]*out elems (+ q*in elems, int8)"}
 
 
 def fit_latency(x: np.ndarray, y: np.ndarray, environment: dict[str, Any], ridge: float = 1e-4) -> LatencyModel:

@@ -64,10 +64,12 @@ class FitResult:
 def fit(checkpoint: str | Path, data: str | Path, config: FitConfig, out: str | Path, device: str = "local",
         backend: str = "openvino", devices_path: str | Path = "devices.yaml", store: str | Path = "profiles",
         executor: str = "process", workers: int | None = None, ray_address: str | None = None,
-        log: Callable[[str], None] | None = None) -> FitResult:
+        sensitivity: str | Path | None = None, log: Callable[[str], None] | None = None) -> FitResult:
     """Search, fine-tune, export and verify a compressed ``checkpoint`` meeting ``config``'s budget on
-    ``device`` with ``backend``; results under ``out`` (resumed when it holds this run's state)."""
-    run = FitRun(checkpoint, data, config, out, device, backend, devices_path, store, log or (lambda s: None))
+    ``device`` with ``backend``; results under ``out`` (resumed when it holds this run's state).
+    ``sensitivity``: the ``sensitivity.json`` of an earlier fit of the same model and space, reused."""
+    run = FitRun(checkpoint, data, config, out, device, backend, devices_path, store, log or (lambda s: None),
+                 sensitivity)
     run.executor = make_executor(executor, workers, ray_address)
     try:
         return run.run()
@@ -79,7 +81,7 @@ class FitRun:
     """One fit: its model, space, device and state; ``run`` goes through the steps of the module docstring."""
 
     def __init__(self, checkpoint, data, config: FitConfig, out, device: str, backend: str, devices_path, store,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], sensitivity: str | Path | None = None):
         from edge_compress.profile.devices import get_device
 
         self.config, self.log = config, log
@@ -91,7 +93,13 @@ class FitRun:
         self.space = SearchSpace(self.model, config.ratios, self.precisions, config.round_to, config.min_channels)
         self.threads = config.threads or self.device.threads
         self.state = FitState.open(self.out, self._identity())
-        self.sens = Sensitivity.load_or_new(self.out / "sensitivity.json", self.space)
+        own = self.out / "sensitivity.json"
+        if sensitivity is not None and not own.exists():
+            if not Path(sensitivity).is_file():
+                raise ConfigError(f"--sensitivity {sensitivity}: no such file (a sensitivity.json of an earlier fit)")
+            Sensitivity.load_or_new(Path(sensitivity), self.space)      # another model or space: an error here
+            shutil.copyfile(sensitivity, own)
+        self.sens = Sensitivity.load_or_new(own, self.space)
         self.rng = random.Random(config.seed)
         self.env: dict[str, Any] | None = None
         self.executor = make_executor("inline")
@@ -141,7 +149,7 @@ class FitRun:
         if rounds and rounds[-1]["passed"] and Path(rounds[-1]["artifact"]).is_dir():
             self.log(f"fit: {self.out} is finished already; its result is returned as it is")
             return self._finish()
-        self._recover_from_store()
+        self._harvest_store()
         self._sensitivity()
         self._baselines()
         self._initial_samples()
@@ -391,23 +399,36 @@ class FitRun:
         found = [m for m in self.state.valid() if m["key"] == c.key()]
         return found[-1] if found else None
 
-    def _recover_from_store(self) -> None:
-        """Measurements filed in the store after the last state write (an interrupted run)."""
+    def _harvest_store(self) -> None:
+        """Measurements in the profile store this run's state lacks: its own, filed after the last state
+        write (an interrupted run), and those of other fits of the same search space on this device and
+        backend (the latency of a candidate does not depend on its weights); their environment is checked
+        like any other measurement's."""
         from edge_compress.fit.measure import summarize_record
         from edge_compress.profile.store import ProfileStore
 
         known = self.state.known_records()
         entries = ProfileStore(self.store).list(device=self.device.name, backend=self.backend)
-        found = [e for e in entries if e.record.get("fit", {}).get("run") == self.state.run_id
-                 and str(e.path) not in known]
-        for e in found:
-            c = Candidate.from_dict(e.record["fit"]["candidate_dict"])
+        own = other = 0
+        for e in entries:
+            tag = e.record.get("fit", {})
+            if str(e.path) in known or "candidate_dict" not in tag:
+                continue
+            mine = tag.get("run") == self.state.run_id
+            if not mine and tag.get("space") != self.space.fingerprint():
+                continue
+            c = Candidate.from_dict(tag["candidate_dict"])
             m = summarize_record(c.key(), e.record, e.path)
-            m.update(candidate=c.to_dict(), heldout=self._heldout(c.key()), est_ap=None, recovered=True)
+            m.update(candidate=c.to_dict(), heldout=self._heldout(c.key()), est_ap=None,
+                     **({"recovered": True} if mine else {"from_run": tag.get("run")}))
             self.state.data["measurements"].append(m)
-        if found:
+            own, other = own + mine, other + (not mine)
+        if own or other:
             self.state.save()
-            self.log(f"resume: {len(found)} measurement(s) recovered from the profile store")
+        if own:
+            self.log(f"resume: {own} measurement(s) recovered from the profile store")
+        if other:
+            self.log(f"profile store: {other} measurement(s) of this search space from earlier fits reused")
 
     # ---- 5. choice
 
@@ -434,18 +455,42 @@ class FitRun:
         return max(top, key=lambda c: checks[c.key()]["ap"])
 
     def _check(self, cands: list[Candidate]) -> None:
+        """A short fine-tune with distillation and a real fp32 mAP for each pruned candidate; the score is
+        that mAP less the estimated int8 drops (the check runs in torch, in float). A candidate that prunes
+        nothing is not fine-tuned (it keeps the trained weights): its mAP is the model's own."""
         todo = [c for c in cands if c.key() not in self.state.data["checks"]]
-        if not todo:
+        pruned = [c for c in todo if self.space.prune_ratios(c)]
+        for c in todo:
+            if c not in pruned:
+                self._record_check(c, {"ap": self._baseline_val()["ap"], "ap50": self._baseline_val()["ap50"],
+                                       "epochs": 0, "seconds": 0.0})
+        if not pruned:
             return
-        self.log(f"check: {len(todo)} candidate(s), {self.config.check_epochs} epoch(s) of fine-tune with "
+        self.log(f"check: {len(pruned)} candidate(s), {self.config.check_epochs} epoch(s) of fine-tune with "
                  "distillation each, mAP on the val split")
-        jobs = [self._finetune_job(c, self.out / "checks" / c.key(), self.config.check_epochs) for c in todo]
-        for c, r in zip(todo, self.executor.map(finetune_candidate, jobs)):
-            self.state.data["checks"][c.key()] = {"ap": r["ap"], "ap50": r["ap50"], "est_ap": self.sens.estimate(c),
-                                                  "epochs": r["epochs"], "seconds": r["seconds"]}
-            self.state.save()
-            self.log(f"  {c.key()}: AP {r['ap']:.4f} after {r['epochs']} epoch(s) (estimate {self.sens.estimate(c):.4f})")
+        jobs = [self._finetune_job(c, self.out / "checks" / c.key(), self.config.check_epochs) for c in pruned]
+        for c, r in zip(pruned, self.executor.map(finetune_candidate, jobs)):
+            self._record_check(c, r)
             shutil.rmtree(self.out / "checks" / c.key(), ignore_errors=True)
+
+    def _record_check(self, c: Candidate, r: dict[str, Any]) -> None:
+        int8_drop = self.sens.drop(Candidate((0.0,) * len(c.ratios), c.int8))
+        check = {"ap_fp32": r["ap"], "ap50_fp32": r["ap50"], "int8_drop_est": int8_drop, "ap": r["ap"] - int8_drop,
+                 "est_ap": self.sens.estimate(c), "epochs": r["epochs"], "seconds": r["seconds"]}
+        self.state.data["checks"][c.key()] = check
+        self.state.save()
+        self.log(f"  {c.key()}: AP {r['ap']:.4f} in fp32 after {r['epochs']} epoch(s), less the int8 estimate "
+                 f"{int8_drop:.4f}: {check['ap']:.4f} (search estimate {check['est_ap']:.4f})")
+
+    def _baseline_val(self) -> dict[str, float]:
+        """The uncompressed model's fp32 mAP on the whole val split (computed once)."""
+        if "baseline_val" not in self.state.data:
+            from edge_compress.eval.runner import evaluate_model
+
+            r = evaluate_model(self.model, self.val_ds)
+            self.state.data["baseline_val"] = {"ap": float(r.ap), "ap50": float(r.ap50)}
+            self.state.save()
+        return self.state.data["baseline_val"]
 
     def _finetune_job(self, c: Candidate, out: Path, epochs: int) -> FinetuneJob:
         shutil.rmtree(out, ignore_errors=True)   # a half-finished fine-tune of an interrupted run
@@ -462,10 +507,15 @@ class FitRun:
 
         folder = self.out / f"round{round_no}"
         shutil.rmtree(folder, ignore_errors=True)
-        self.log(f"result round {round_no}: {c.key()}, {self.config.finetune_epochs} epoch(s) of fine-tune with "
-                 "distillation, export, verification on the device")
-        ft = self.executor.map(finetune_candidate, [self._finetune_job(c, folder / "model",
-                                                                       self.config.finetune_epochs)])[0]
+        self.log(f"result round {round_no}: {c.key()}, "
+                 + (f"{self.config.finetune_epochs} epoch(s) of fine-tune with distillation, " if
+                    self.space.prune_ratios(c) else "nothing pruned (no fine-tune), ")
+                 + "export, verification on the device")
+        if self.space.prune_ratios(c):
+            ft = self.executor.map(finetune_candidate, [self._finetune_job(c, folder / "model",
+                                                                           self.config.finetune_epochs)])[0]
+        else:   # nothing pruned: the trained weights are the uncompressed model's, a fine-tune only perturbs them
+            ft = {"key": c.key(), "checkpoint": str(self.checkpoint), "epochs": 0, **self._baseline_val()}
         model = load_detector(ft["checkpoint"])
         quant = QuantConfig(num_images=self.config.calib_images, keep_fp32=self.space.keep_fp32(c)) \
             if self.space.any_int8(c) else None
@@ -552,7 +602,7 @@ class FitRun:
             m = self._latest(c)
             if m is not None:
                 points.append({"name": name, "latency_ms": m[self.config.percentile],
-                               "ap": self.sens.data["baseline_ap"] if name == "fp32" else None,
+                               "ap": self._baseline_val()["ap"] if name == "fp32" else None,
                                "est_ap": self.sens.estimate(c), "size_bytes": m.get("size_bytes")})
         return points
 
