@@ -1,9 +1,11 @@
-"""The main job on the embedded default: generate demo data, train, evaluate, export, print tables.
+"""The main job on the embedded default: generate demo data, train, evaluate, export, fit, print tables.
 
 Runs on the ``local`` device with the synthetic COCO-format set. Each trained
 model is exported for ONNX Runtime and OpenVINO at fp32 and int8 (one shared
 calibration); each artifact validates itself, and its mAP through the runtime
-and the int8/fp32 latency on this machine are printed. Re-running it reuses the
+and the int8/fp32 latency on this machine are printed. Then a short ``fit``
+brings the first model under a latency budget below its int8 latency on this
+machine (OpenVINO) and writes its HTML report. Re-running it reuses the
 generated data and writes each run and artifact into a fresh directory (earlier
 ones are never overwritten).
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 
 
 def run_demo(out: Path, models: list[str], epochs: int, n_train: int, n_val: int, size: int = 320,
-             progress: bool = True, backends: list[str] | None = None) -> int:
+             progress: bool = True, backends: list[str] | None = None, fit_backend: str | None = "openvino") -> int:
     from rich.console import Console
     from rich.table import Table
 
@@ -36,10 +38,42 @@ def run_demo(out: Path, models: list[str], epochs: int, n_train: int, n_val: int
                   *(f"{m.get(k, 0.0):.3f}" for k in ("ap", "ap50", "ap75")), f"{r.train_s:.0f}")
     Console().print(t)
     if backends:
-        Console().print(_export_table(out, data, run_dirs, backends))
+        table, int8_ms = _export_table(out, data, run_dirs, backends)
+        Console().print(table)
         print("int8 x: fp32 p50 / int8 p50 of the same backend; '!' marks an int8 slower than fp32 here (recorded "
               "in the artifact's manifest)")
+        if fit_backend in backends:
+            _short_fit(out, data, models[0], run_dirs[models[0]], fit_backend, int8_ms[(models[0], fit_backend)])
     return 0
+
+
+# The demo's fit: small on purpose (a few minutes); `edge-compress fit` defaults search far more.
+DEMO_FIT = dict(ratios=(0.0, 0.25, 0.5), sensitivity_images=24, initial_samples=6, max_measurements=18,
+                search_rounds=2, batch=4, check_candidates=0, check_epochs=0, finetune_epochs=1, calib_images=32,
+                verify_rounds=3, profile_seconds=3.0, threads=1)
+DEMO_BUDGET = 0.85   # of the int8 model's p50: below what int8 alone reaches, so the fit must prune
+
+
+def _short_fit(out: Path, data: Path, model: str, run: Path, backend: str, int8_ms: float) -> None:
+    """A short ``fit`` of the first model to 0.85 x its int8 latency on this machine; prints where its report is."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edge_compress.fit import FitConfig, fit
+    from edge_compress.pipeline import fresh_dir
+
+    budget = round(DEMO_BUDGET * int8_ms, 3)
+    print(f"\nfit: {model} to {budget} ms p50 with {backend} on this machine (1 thread): {DEMO_BUDGET} x its int8 "
+          "latency, so the search must prune as well as quantize")
+    res = fit(run / "best.pt", data, FitConfig(budget_ms=budget, **DEMO_FIT), fresh_dir(Path(out) / "fit" / model),
+              backend=backend, store=Path(out) / "profiles", executor="inline", log=lambda s: print(f"  {s}"))
+    r, lm = res.result["result"], res.result["latency_model"]
+    t = Table("budget", "measured p50", "AP (runtime)", "int8 everywhere", "held-out within 10%", "report",
+              title=f"demo: fit of {model} ({backend}, local, 1 thread)")
+    within = lm.get("within_10pct")
+    t.add_row(f"{budget:.2f} ms", f"{r['latency_ms']:.2f} ms", f"{r['ap']:.3f}", f"{int8_ms:.2f} ms",
+              "-" if within is None else f"{within:.0%} of {lm['n_heldout']}", str(res.report))
+    Console().print(t)
 
 
 def _export_table(out: Path, data: Path, run_dirs: dict[str, Path], backends: list[str]):
@@ -54,6 +88,7 @@ def _export_table(out: Path, data: Path, run_dirs: dict[str, Path], backends: li
 
     t = Table("model", "backend", "prec", "KB", "p50 ms", "int8 x", "AP", "AP50", "check",
               title="demo: artifacts (validated at export; p50 at 1 thread on this machine; mAP through each runtime)")
+    int8_ms = {}
     for m, run in run_dirs.items():
         for be in backends:
             arts = {}
@@ -64,10 +99,11 @@ def _export_table(out: Path, data: Path, run_dirs: dict[str, Path], backends: li
                                                                                   f"{m}-{be}-{prec}"), data=data,
                                                    quant=quant)
             lat = arts["int8"].manifest["metrics"]["latency_check"]
+            int8_ms[(m, be)] = lat["int8_p50_ms"]
             for prec, art in arts.items():
                 met, val = art.manifest["metrics"], art.manifest["validation"]
                 speed = "" if prec == "fp32" else f"{lat['int8_speedup']:.2f}" + ("!" if lat["int8_speedup"] < 1 else "")
                 check = f"err {val['rel_error']:.0e}" if "rel_error" in val else f"{val['sqnr_db']:.0f} dB"
                 t.add_row(m, be, prec, f"{met['model_bytes'] / 1024:.0f}", f"{lat[prec + '_p50_ms']:.2f}", speed,
                           f"{met['map']['ap']:.3f}", f"{met['map']['ap50']:.3f}", check)
-    return t
+    return t, int8_ms

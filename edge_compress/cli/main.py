@@ -238,7 +238,7 @@ def cmd_demo(a) -> int:
 
     _threads(a)
     return run_demo(a.out, a.models, a.epochs, a.train_images, a.val_images, progress=not a.no_progress,
-                    backends=[] if a.no_export else a.backends)
+                    backends=[] if a.no_export else a.backends, fit_backend=None if a.no_fit else a.fit_backend)
 
 
 def _threads(a) -> None:
@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="export each trained model for these backends at fp32 and int8 (default onnxruntime "
                            "openvino)")
     demo.add_argument("--no-export", dest="no_export", action="store_true", help="train and evaluate only")
+    demo.add_argument("--fit-backend", dest="fit_backend", default="openvino",
+                      help="backend of the demo's short fit (default openvino; one of --backends)")
+    demo.add_argument("--no-fit", dest="no_fit", action="store_true", help="skip the short fit")
     demo.set_defaults(func=cmd_demo)
 
     data = verbs.add_parser("data", help="datasets").add_subparsers(dest="data_verb", required=True, metavar="VERB")

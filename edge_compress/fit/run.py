@@ -390,8 +390,10 @@ class FitRun:
         from edge_compress.profile.profiler import ProfileSettings
 
         energy = self.device.energy_sensor if self.config.budget_mj is not None else "none"
-        settings = ProfileSettings(warmup=5, min_repeats=20, max_seconds=self.config.profile_seconds,
-                                   threads=self.threads, per_layer=per_layer, energy=energy)
+        # warm up for a second: a CPU that sat idle while the candidates were built runs slow at first
+        settings = ProfileSettings(warmup=5, warmup_seconds=1.0, min_repeats=20,
+                                   max_seconds=self.config.profile_seconds, threads=self.threads,
+                                   per_layer=per_layer, energy=energy)
         return MeasureJob(c.key(), artifact, self.device.to_dict(), settings.to_dict(), str(self.store), keep,
                           {"run": self.state.run_id, "space": self.space.fingerprint(), "candidate_dict": c.to_dict()})
 

@@ -234,9 +234,9 @@ class SearchSpace:
         for n, info in self.convs.items():
             cout = info.out_channels - removed.get((n, 0), 0)
             cin = cout if info.kind == "depthwise" else info.in_channels - removed.get((n, 1), 0)
+            prec = "int8" if precision.get(n) else "fp32"
             rows.append(LayerRow(n, info.kind, cin, cout, info.out_channels, _conv_macs(info, cin, cout),
-                                 cout * info.pixels, cin * info.pixels * info.stride, "int8" if precision.get(n) else "fp32",
-                                 ratio_of.get(n)))
+                                 cout * info.pixels, cin * info.pixels * info.stride, prec, ratio_of.get(n)))
         return rows
 
     def to_dict(self) -> dict[str, Any]:

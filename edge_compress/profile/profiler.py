@@ -64,6 +64,7 @@ class ProfileSettings:
     """How to profile: warm-up, the stopping rule, threads, per-layer and energy."""
 
     warmup: int = 10
+    warmup_seconds: float = 0.0   # and warm up for at least this long (a CPU idle a while runs slow at first)
     min_repeats: int = 20
     max_repeats: int = 1000
     max_seconds: float = 30.0
@@ -83,8 +84,9 @@ class ProfileSettings:
         self._check_ranges()
 
     def _check_ranges(self) -> None:
-        if self.warmup < 0 or self.threads < 1:
-            raise ConfigError(f"ProfileSettings: warmup={self.warmup} must be >= 0 and threads={self.threads} >= 1")
+        if self.warmup < 0 or self.threads < 1 or self.warmup_seconds < 0:
+            raise ConfigError(f"ProfileSettings: warmup={self.warmup} and warmup_seconds={self.warmup_seconds} must "
+                              f"be >= 0 and threads={self.threads} >= 1")
         if not 1 <= self.min_repeats <= self.max_repeats:
             raise ConfigError(f"ProfileSettings: need 1 <= min_repeats ({self.min_repeats}) <= max_repeats "
                               f"({self.max_repeats}); raise --max-repeats or lower min_repeats")
@@ -156,7 +158,10 @@ def time_runs(run: Callable[[], object], settings: ProfileSettings,
     ``runtime_timer`` (a reader of the runtime's own latency of the last call,
     and what it is) adds those figures beside ours, read after each timed call.
     """
+    t_warm = time.perf_counter()
     warm = [_time_once(run) for _ in range(settings.warmup)]
+    while time.perf_counter() - t_warm < settings.warmup_seconds:
+        warm.append(_time_once(run))
     samples: list[float] = []
     own: list[float] = []
     next_check, rel, stopped = settings.min_repeats, None, None

@@ -1,0 +1,240 @@
+"""Fit benchmark: latency budgets met on this machine, mAP against a uniform baseline, latency-model error.
+
+    python benchmarks/fit.py            # zoo 320 px models (runs/bench_zoo; trains missing ones), OpenVINO and
+                                        # ONNX Runtime, 3 budgets between int8 and fp32 (+ 1 below int8)
+    python benchmarks/fit.py --quick    # shipped 128 px yolo_tiny, OpenVINO, one budget; AP NOT meaningful
+
+For every family and backend, on the ``local`` device at ``--threads`` (default 1):
+
+1. the fp32 and int8 (every conv) latencies of the unpruned model are measured;
+   the budgets are ``int8 + f * (fp32 - int8)`` for f in ``--fractions`` (the
+   issue's range) and ``g * int8`` for g in ``--below`` (budgets that need pruning);
+2. ``fit`` runs once per budget (the sensitivity of the first run and every
+   measurement in the shared profile store are reused by the next ones);
+3. the uniform baseline of each budget: one global pruning ratio (every knob,
+   grid of ``UNIFORM_GRID``) + int8 everywhere, the least pruned whose measured
+   latency is at or below the fit result's measured latency; fine-tuned with
+   distillation for the same epochs as the fit's result (none when it prunes
+   nothing, as in ``fit``), exported, mAP through the runtime.
+
+Prints one table per family/backend and ends with ``RESULT {json}``:
+``violations`` (fit results whose measured latency exceeds their budget),
+``predictor_within_10pct`` (held-out candidates of every run, pooled),
+``ap_gain_vs_uniform`` (family -> "backend budget" -> AP points), and the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from backends import FULL_MODELS, cpu_name, full_checkpoints, quick_checkpoints  # noqa: E402
+
+UNIFORM_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+FULL = dict(sensitivity_images=64, initial_samples=10, max_measurements=40, search_rounds=5, batch=6,
+            check_candidates=1, check_epochs=1, finetune_epochs=2, verify_rounds=3, profile_seconds=8.0)
+QUICK = dict(sensitivity_images=16, initial_samples=4, max_measurements=12, search_rounds=1, batch=4,
+             check_candidates=0, check_epochs=0, finetune_epochs=1, calib_images=16, verify_rounds=3,
+             profile_seconds=1.0)
+GOALS = {"violations": 0, "ap_gain_points": 2.0, "predictor_within_10pct": 0.95}
+
+
+def devices_file(tmp: Path, threads: int) -> Path:
+    p = tmp / "devices.yaml"
+    p.write_text(f"devices:\n  local:\n    connection: local\n    backends: [openvino, onnxruntime]\n"
+                 f"    threads: {threads}\n    energy_sensor: estimate\n")
+    return p
+
+
+def measure_uniform(ckpt: Path, data: Path, space, backend: str, ratio: float, int8: bool, work: Path,
+                    devices: Path, store: Path, threads: int, tag: dict[str, Any]) -> dict[str, Any]:
+    """Build and measure one uniform candidate (every knob pruned by ``ratio``)."""
+    from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, measure_candidate
+    from edge_compress.profile.devices import get_device
+    from edge_compress.profile.profiler import ProfileSettings
+
+    ratios = {conv: ratio for k in space.knobs for conv in k.convs} if ratio > 0 else {}
+    keep = () if int8 else space.precision_layers
+    key = f"uniform{ratio:g}{'-int8' if int8 else '-fp32'}"
+    out = work / f"{key}-{time.time_ns()}"
+    b = build_candidate(BuildJob(str(ckpt), key, ratios, space.round_to, space.min_channels, tuple(keep), int8,
+                                 backend, str(data), str(out), threads, 8))
+    if "error" in b:
+        raise RuntimeError(f"{key}: {b['error']}")
+    settings = ProfileSettings(warmup=5, warmup_seconds=1.0, min_repeats=20, max_seconds=8.0, threads=threads,
+                               per_layer=False, energy="none")
+    m = measure_candidate(MeasureJob(key, b["artifact"], get_device("local", devices).to_dict(),
+                                     settings.to_dict(), str(store), False, tag))
+    if "error" in m:
+        raise RuntimeError(f"{key}: {m['error']}")
+    return {**m, "ratio": ratio, "ratios": ratios}
+
+
+def uniform_result(ckpt: Path, data: Path, space, backend: str, row: dict[str, Any], epochs: int, work: Path,
+                   devices: Path, store: Path, threads: int) -> dict[str, Any]:
+    """Fine-tune (distilled) + export int8 + runtime mAP + latency of the chosen uniform candidate."""
+    from edge_compress.export import export_model
+    from edge_compress.fit.finetune import FinetuneJob, finetune_candidate
+    from edge_compress.quant import QuantConfig
+    from edge_compress.train import load_detector
+
+    model_ckpt, ft_ap = ckpt, None
+    if row["ratios"]:
+        ft = finetune_candidate(FinetuneJob(str(ckpt), f"uniform{row['ratio']:g}", row["ratios"], space.round_to,
+                                            space.min_channels, str(data), str(work / f"ft{row['ratio']:g}"),
+                                            epochs))
+        model_ckpt, ft_ap = Path(ft["checkpoint"]), ft["ap"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        art = export_model(load_detector(model_ckpt), backend, work / f"art{row['ratio']:g}-{time.time_ns()}",
+                           quant=QuantConfig(), data=data, threads=threads, latency_check=False)
+    final = measure_uniform_artifact(art.path, devices, store, threads)
+    return {"ratio": row["ratio"], "candidate_ms": row["p50"], "measured_ms": final, "ap": art.manifest["metrics"]
+            ["map"]["ap"], "finetuned_fp32_ap": ft_ap, "epochs": epochs if row["ratios"] else 0}
+
+
+def measure_uniform_artifact(path: Path, devices: Path, store: Path, threads: int) -> float:
+    from edge_compress.fit.measure import MeasureJob, measure_candidate
+    from edge_compress.profile.devices import get_device
+    from edge_compress.profile.profiler import ProfileSettings
+
+    settings = ProfileSettings(warmup=5, warmup_seconds=1.0, min_repeats=20, max_seconds=8.0, threads=threads,
+                               per_layer=False, energy="none")
+    m = measure_candidate(MeasureJob("uniform-final", str(path), get_device("local", devices).to_dict(),
+                                     settings.to_dict(), str(store), True, {"run": "bench-uniform"}))
+    return m["p50"]
+
+
+def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dict[str, Any], work: Path,
+             devices: Path, store: Path) -> dict[str, Any]:
+    from edge_compress.fit import FitConfig, FitError, fit
+    from edge_compress.fit.space import SearchSpace
+    from edge_compress.train import load_detector
+
+    space = SearchSpace(load_detector(ckpt), FitConfig(budget_ms=1.0).ratios)
+    tag = {"run": "bench", "space": space.fingerprint()}
+    base = {q: measure_uniform(ckpt, data, space, backend, 0.0, q, work, devices, store, args.threads,
+                               {**tag, "candidate_dict": (space.uniform(0.0, q)).to_dict()})["p50"]
+            for q in (False, True)}
+    lo, hi = sorted((base[True], base[False]))
+    budgets = [("between", lo + f * (hi - lo)) for f in args.fractions] + [("below", g * base[True])
+                                                                           for g in args.below]
+    print(f"\n{fam} / {backend}: fp32 {base[False]:.3f} ms, int8 {base[True]:.3f} ms; budgets "
+          + ", ".join(f"{b:.3f}" for _, b in budgets), flush=True)
+    grid = [measure_uniform(ckpt, data, space, backend, r, True, work, devices, store, args.threads,
+                            {"run": "bench-uniform"}) for r in UNIFORM_GRID]
+    rows, sens = [], None
+    for i, (kind, budget) in enumerate(budgets):
+        out = args.out / fam / backend / f"budget{i}-{budget:.3f}ms"
+        t0 = time.perf_counter()
+        try:
+            res = fit(ckpt, data, FitConfig(budget_ms=round(budget, 4), threads=args.threads, **settings), out,
+                      backend=backend, devices_path=devices, store=store, executor="process", sensitivity=sens,
+                      log=lambda s: print(f"    {s}", flush=True))
+        except FitError as e:     # no verified result: a violation, with the reason; the other budgets go on
+            print(f"  budget {budget:.3f} ms: FitError: {e}", flush=True)
+            rows.append({"family": fam, "backend": backend, "kind": kind, "budget_ms": budget, "violation": True,
+                         "error": str(e), "heldout": [], "out": str(out)})
+            sens = out / "sensitivity.json"
+            continue
+        sens = out / "sensitivity.json"
+        r = res.result["result"]
+        fit_s = time.perf_counter() - t0
+        uni_row = next((g for g in grid if g["p50"] <= r["latency_ms"]), grid[-1])
+        uni = uniform_result(ckpt, data, space, backend, uni_row, settings["finetune_epochs"], work, devices,
+                             store, args.threads)
+        lm = res.result["latency_model"]
+        rows.append({"family": fam, "backend": backend, "kind": kind, "budget_ms": budget, "fit_ms": r["latency_ms"],
+                     "fit_ap": r["ap"], "violation": r["latency_ms"] > budget, "uniform": uni,
+                     "gain_points": 100 * (r["ap"] - uni["ap"]), "fit_key": r["key"], "fit_s": fit_s,
+                     "rounds": len(r["rounds"]), "heldout": lm.get("heldout", []),
+                     "within_10pct": lm.get("within_10pct"), "out": str(out)})
+        print_row(rows[-1])
+    return {"fp32_ms": base[False], "int8_ms": base[True], "rows": rows}
+
+
+def print_row(r: dict[str, Any]) -> None:
+    u = r["uniform"]
+    print(f"  {r['kind']:<7} budget {r['budget_ms']:7.3f} ms | fit {r['fit_ms']:7.3f} ms AP {r['fit_ap']:.4f} "
+          f"{'VIOLATION' if r['violation'] else 'ok':>9} | uniform r={u['ratio']:<5g} {u['measured_ms']:7.3f} ms "
+          f"AP {u['ap']:.4f} | gain {r['gain_points']:+.2f} pts | held-out within 10% "
+          f"{r['within_10pct'] if r['within_10pct'] is None else round(r['within_10pct'], 3)}", flush=True)
+
+
+def summary(results: dict[str, Any], quick: bool, threads: int, settings: dict[str, Any]) -> dict[str, Any]:
+    rows = [r for fam in results.values() for pair in fam.values() for r in pair["rows"]]
+    held = [h for r in rows for h in r["heldout"]]
+    within = [abs(h["predicted_ms"] - h["measured_ms"]) / h["measured_ms"] <= 0.10 for h in held]
+    gains: dict[str, dict[str, float | None]] = {}
+    for r in rows:
+        if "error" in r:
+            gains.setdefault(r["family"], {})[f"{r['backend']} {r['budget_ms']:.3f} ms ({r['kind']})"] = None
+            continue
+        gains.setdefault(r["family"], {})[f"{r['backend']} {r['budget_ms']:.3f} ms ({r['kind']})"] = \
+            round(r["gain_points"], 3)
+    between = [r.get("gain_points", float("-inf")) for r in rows if r["kind"] == "between"]
+    return {"quick": quick, "cpu": cpu_name(), "threads": threads, "settings": settings,
+            "violations": sum(r["violation"] for r in rows), "budgets": len(rows),
+            "predictor_within_10pct": sum(within) / len(within) if within else None, "predictor_heldout_n": len(held),
+            "ap_gain_vs_uniform": gains,
+            "min_gain_between_points": min(between) if between else None,
+            "goals": GOALS,
+            "goals_met": {"violations": sum(r["violation"] for r in rows) == 0,
+                          "ap_gain": bool(between) and min(between) >= GOALS["ap_gain_points"],
+                          "predictor": bool(within) and sum(within) / len(within) >= GOALS["predictor_within_10pct"]},
+            "pairs": results}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="shipped 128 px yolo_tiny, OpenVINO, one budget")
+    ap.add_argument("--families", nargs="+", choices=["yolo_tiny", "ssdlite", "picodet"])
+    ap.add_argument("--backends", nargs="+", choices=["openvino", "onnxruntime"])
+    ap.add_argument("--fractions", type=float, nargs="+", help="budgets int8 + f (fp32 - int8) (0.25 0.5 0.75)")
+    ap.add_argument("--below", type=float, nargs="*", help="budgets g * int8 (default 0.8 0.6; quick: none)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--zoo", type=Path, default=ROOT / "runs" / "bench_zoo")
+    ap.add_argument("--out", type=Path, help="default runs/bench_fit/<UTC time>")
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_fit_"))
+    args.out = args.out or ROOT / "runs" / "bench_fit" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    args.fractions = args.fractions or ([0.75] if args.quick else [0.25, 0.5, 0.75])
+    args.below = args.below if args.below is not None else ([] if args.quick else [0.7])
+    families = args.families or (["yolo_tiny"] if args.quick else ["yolo_tiny", "ssdlite"])
+    backends = args.backends or (["openvino"] if args.quick else ["openvino", "onnxruntime"])
+    settings = QUICK if args.quick else FULL
+    try:
+        ckpts, data = quick_checkpoints(tmp) if args.quick else full_checkpoints(args.zoo, families)
+        devices, store = devices_file(tmp, args.threads), args.out / "profiles"
+        results: dict[str, Any] = {}
+        for fam in families:
+            for be in backends:
+                work = tmp / fam / be
+                work.mkdir(parents=True)
+                results.setdefault(fam, {})[be] = run_pair(fam, Path(ckpts[fam]), data, be, args, settings, work,
+                                                           devices, store)
+                shutil.rmtree(work, ignore_errors=True)
+        res = summary(results, args.quick, args.threads, settings)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    label = " (QUICK: accuracy figures not meaningful)" if args.quick else ""
+    print(f"\nviolations {res['violations']} of {res['budgets']} budgets; latency model within +-10% on "
+          f"{res['predictor_within_10pct']} of {res['predictor_heldout_n']} held-out candidates; "
+          f"AP gain vs uniform (points): {json.dumps(res['ap_gain_vs_uniform'])}{label}")
+    print("RESULT " + json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
