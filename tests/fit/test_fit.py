@@ -100,31 +100,29 @@ def test_a_finished_run_is_returned_not_redone(finished, tiny_checkpoint, tiny_s
 
 def test_interrupted_run_loses_no_measurement(tiny_checkpoint, tiny_synth, devices, fp32_bytes, tmp_path,
                                               monkeypatch):
-    import edge_compress.fit.run as run_mod
+    """Killed after the 5th measurement was filed in the store but before the state recorded it: the
+    rerun recovers it from the store and measures no candidate twice."""
+    from edge_compress.fit.state import FitState
 
-    real, calls = run_mod.measure_candidate, []
+    real, calls = FitState.add_measurement, []
 
-    def dies_on_fifth(job):
-        calls.append(job.key)
+    def dies_on_fifth(self, m):
+        calls.append(m["key"])
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real(job)
+        return real(self, m)
 
-    monkeypatch.setattr(run_mod, "measure_candidate", dies_on_fifth)
+    monkeypatch.setattr(FitState, "add_measurement", dies_on_fifth)
     kw = dict(budget_bytes=int(0.5 * fp32_bytes), budget_ms=1000.0)
     with pytest.raises(KeyboardInterrupt):
         _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "profiles", **kw)
     state_path = tmp_path / "out" / STATE
-    state = json.loads(state_path.read_text())
-    assert len(state["measurements"]) == 4
-    # a kill between filing the record and writing the state: the store still has it
-    lost = state["measurements"].pop()
-    state_path.write_text(json.dumps(state))
-    monkeypatch.setattr(run_mod, "measure_candidate", real)
+    assert len(json.loads(state_path.read_text())["measurements"]) == 4
+    monkeypatch.setattr(FitState, "add_measurement", real)
     res, lines = _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "profiles", **kw)
     assert any("1 measurement(s) recovered" in s for s in lines)
     final = json.loads(state_path.read_text())["measurements"]
-    assert lost["record"] in {m["record"] for m in final}
+    assert [m["key"] for m in final[:5]] == calls[:5] and final[4].get("recovered")
     keys = [m["key"] for m in final]
     baseline_key = final[0]["key"]
     assert len([k for k in keys if k != baseline_key]) == len(set(k for k in keys if k != baseline_key))
