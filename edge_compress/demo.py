@@ -48,7 +48,7 @@ def run_demo(out: Path, models: list[str], epochs: int, n_train: int, n_val: int
 
 
 # The demo's fit: small on purpose (a few minutes); `edge-compress fit` defaults search far more.
-DEMO_FIT = dict(ratios=(0.0, 0.25, 0.5), sensitivity_images=24, initial_samples=6, max_measurements=18,
+DEMO_FIT = dict(ratios=(0.0, 0.5), sensitivity_images=16, initial_samples=6, max_measurements=18,
                 search_rounds=2, batch=4, check_candidates=0, check_epochs=0, finetune_epochs=1, calib_images=32,
                 verify_rounds=3, profile_seconds=3.0, threads=1)
 DEMO_BUDGET = 0.85   # of the int8 model's p50: below what int8 alone reaches, so the fit must prune
@@ -102,7 +102,8 @@ def _export_table(out: Path, data: Path, run_dirs: dict[str, Path], backends: li
             int8_ms[(m, be)] = lat["int8_p50_ms"]
             for prec, art in arts.items():
                 met, val = art.manifest["metrics"], art.manifest["validation"]
-                speed = "" if prec == "fp32" else f"{lat['int8_speedup']:.2f}" + ("!" if lat["int8_speedup"] < 1 else "")
+                speed = "" if prec == "fp32" else \
+                    f"{lat['int8_speedup']:.2f}" + ("!" if lat["int8_speedup"] < 1 else "")
                 check = f"err {val['rel_error']:.0e}" if "rel_error" in val else f"{val['sqnr_db']:.0f} dB"
                 t.add_row(m, be, prec, f"{met['model_bytes'] / 1024:.0f}", f"{lat[prec + '_p50_ms']:.2f}", speed,
                           f"{met['map']['ap']:.3f}", f"{met['map']['ap50']:.3f}", check)

@@ -83,6 +83,12 @@ def _val_images(val, n: int, spec) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(arrays))
 
 
+def _ap(model: nn.Module, sub) -> float:
+    from edge_compress.eval.runner import evaluate_model
+
+    return float(evaluate_model(model, sub).ap)
+
+
 def _bn_batches(model: nn.Module, train):
     from edge_compress.compress.bn import BATCH_SIZE
     from edge_compress.compress.recipe import iter_training_batches
@@ -128,12 +134,12 @@ class Sensitivity:
         (give the split without augmentation: the same images every trial) first, as the fit's own
         pruning does (without it a pruned conv's drop is mostly stale statistics); its drop is taken
         from the model recalibrated the same way with nothing pruned."""
-        from edge_compress.compress.sensitivity import _score, _subset
+        from edge_compress.compress.sensitivity import _subset
 
         sub = _subset(val, max_images)
         model = model.cpu().eval()
         if self.data["baseline_ap"] is None:
-            self.data.update(baseline_ap=_score(model, sub).ap, num_images=len(sub))
+            self.data.update(baseline_ap=_ap(model, sub), num_images=len(sub))
             self._save()
         if self.space.knobs and self.data.get("recalibrated_ap") is None:
             # the reference of the prune drops: the same BatchNorm recalibration with nothing pruned, so a
@@ -179,14 +185,12 @@ class Sensitivity:
     def _try(model: nn.Module, change: Callable[[nn.Module], Any], sub) -> float | None:
         """AP after ``change`` on a copy; None when the change cannot apply (the knob keeps its channels
         at that ratio, so the candidate is the unchanged model there: no drop)."""
-        from edge_compress.compress.sensitivity import _score
-
         trial = copy.deepcopy(model)
         try:
             change(trial)
         except EdgeCompressError:
             return None
-        return _score(trial.eval(), sub).ap
+        return _ap(trial.eval(), sub)
 
     def _save(self) -> None:
         write_json_atomic(self.path, self.data)
