@@ -150,8 +150,8 @@ class FitRun:
             self.log(f"fit: {self.out} is finished already; its result is returned as it is")
             return self._finish()
         self._harvest_store()
+        self._baselines()       # the floor first: an impossible budget fails in a minute, not after the sensitivity
         self._sensitivity()
-        self._baselines()
         self._initial_samples()
         for round_no in range(len(self.state.data["rounds"]), self.config.verify_rounds):
             self._explore()
@@ -366,7 +366,8 @@ class FitRun:
                 continue
             m = self.executor.measure_all(measure_candidate, [self._measure_job(c, b["artifact"])],
                                           self.device.connection == "local")[0]
-            m.update(candidate=c.to_dict(), heldout=self._heldout(c.key()), est_ap=self.sens.estimate(c))
+            m.update(candidate=c.to_dict(), heldout=self._heldout(c.key()),
+                     est_ap=self.sens.estimate(c) if self.sens.complete else None)
             self.state.add_measurement(m)
             results.append(m)
             self.log(self._measure_line(c, m))
@@ -376,9 +377,9 @@ class FitRun:
         n = len(self.state.valid())
         if "error" in m:
             return f"  [{n}/{self.config.max_measurements}] {c.key()}: measurement failed: {m['error']}"
+        est = "" if m["est_ap"] is None else f", est AP {m['est_ap']:.4f}"
         return (f"  [{n}/{self.config.max_measurements}] {c.key()}: {self.config.percentile} "
-                f"{m[self.config.percentile]:.3f} ms, est AP {m['est_ap']:.4f}"
-                + (" (held out)" if m["heldout"] else ""))
+                f"{m[self.config.percentile]:.3f} ms{est}" + (" (held out)" if m["heldout"] else ""))
 
     def _build_job(self, c: Candidate, out: Path | None = None) -> BuildJob:
         folder = out or self.out / "candidates" / f"{c.key()}-{len(self.state.data['measurements']):04d}"
