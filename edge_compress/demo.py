@@ -48,7 +48,7 @@ def run_demo(out: Path, models: list[str], epochs: int, n_train: int, n_val: int
 
 
 # The demo's fit: small on purpose (a few minutes); `edge-compress fit` defaults search far more.
-DEMO_FIT = dict(ratios=(0.0, 0.5), sensitivity_images=16, initial_samples=6, max_measurements=18,
+DEMO_FIT = dict(ratios=(0.0, 0.5), sensitivity_images=16, initial_samples=4, max_measurements=14,
                 search_rounds=2, batch=4, check_candidates=0, check_epochs=0, finetune_epochs=1, calib_images=32,
                 verify_rounds=3, profile_seconds=3.0, threads=1)
 DEMO_BUDGET = 0.85   # of the int8 model's p50: below what int8 alone reaches, so the fit must prune

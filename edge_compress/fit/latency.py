@@ -9,6 +9,14 @@ re-quantisation of its input) is one unit of cost:
 
     t(layer) = a[kind, precision] * MACs + b[precision] * output elements
                (+ q * input elements for an int8 layer: quantising its input)
+               (+ qb * input elements where an int8 conv is fed by a float tensor,
+                + db * output elements where it feeds a float consumer)
+
+The last two are the precision boundaries of a mixed candidate: an all-int8 chain
+requantises inside its kernels, but every int8 island in a float graph pays a
+standalone QuantizeLinear on its way in and a DequantizeLinear on its way out
+(and the layout reorders around them); on OpenVINO a candidate with scattered
+int8 layers measured slower than the same model all in fp32.
 
 with ``kind`` in conv / pointwise / depthwise. The coefficients are non-negative
 (NNLS) and fitted to *relative* error (each measured row divided by its latency),
@@ -48,7 +56,7 @@ def feature_names() -> list[str]:
     names = ["fixed"]
     names += [f"macs[{k},{p}]" for k in KINDS for p in PRECISION_TERMS]
     names += [f"out_elems[{p}]" for p in PRECISION_TERMS]
-    return names + ["int8_input_elems"]
+    return names + ["int8_in_elems", "quantize_boundary_elems", "dequantize_boundary_elems"]
 
 
 def features(layers: Sequence[LayerRow]) -> np.ndarray:
@@ -61,7 +69,9 @@ def features(layers: Sequence[LayerRow]) -> np.ndarray:
         x[1 + KINDS.index(row.kind) * np_ + p] += row.macs / MACS_SCALE
         x[1 + nk * np_ + p] += row.out_elems / ELEMS_SCALE
         if row.precision == "int8":
-            x[-1] += row.in_elems / ELEMS_SCALE
+            x[-3] += row.in_elems / ELEMS_SCALE
+        x[-2] += row.boundary_in_elems / ELEMS_SCALE
+        x[-1] += row.boundary_out_elems / ELEMS_SCALE
     return x
 
 
@@ -103,7 +113,8 @@ class LatencyModel:
     def to_dict(self) -> dict[str, Any]:
         return {"features": feature_names(), "coef": self.coef.tolist(), "environment": self.environment,
                 "environment_key": self.key, "n_fit": self.n_fit,
-                "form": "fixed + sum over convs of a[kind,prec]*MACs + b[prec]*out elems (+ q*in elems, int8)"}
+                "form": "fixed + sum over convs of a[kind,prec]*MACs + b[prec]*out elems (+ q*in elems, int8) "
+                        "+ qb*quantize-boundary elems + db*dequantize-boundary elems"}
 
 
 def fit_latency(x: np.ndarray, y: np.ndarray, environment: dict[str, Any], ridge: float = 1e-4) -> LatencyModel:

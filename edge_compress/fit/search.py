@@ -85,8 +85,14 @@ def relax_moves(space: SearchSpace, c: Candidate) -> Iterable[Candidate]:
 
 
 def greedy(space: SearchSpace, m: Memo, start: Candidate | None = None) -> Candidate | None:
-    """NetAdapt-style greedy (see the module docstring); None when no candidate meets the budget."""
-    c = start or space.baseline()
+    """NetAdapt-style greedy (see the module docstring) from ``start``, or from both the uncompressed model
+    and the model all in int8 (one conv at a time from fp32 meets precision boundaries that cost more
+    than the int8 kernel saves), the better result; None when no candidate meets the budget."""
+    if start is None:
+        starts = [space.baseline()] + ([space.uniform(0.0, True)] if space.precision_layers else [])
+        found = [g for g in (greedy(space, m, s) for s in starts) if g is not None]
+        return max(found, key=m.acc) if found else None
+    c = start
     while m.cost(c) > 1.0:
         best, best_score = None, -1.0
         for n in compress_moves(space, c):

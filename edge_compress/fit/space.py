@@ -32,6 +32,7 @@ from edge_compress.errors import ConfigError
 
 PRECISIONS = ("fp32", "int8")
 KINDS = ("conv", "pointwise", "depthwise")
+INPUT, OUTPUT = "<input>", "<output>"
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class LayerRow:
     in_elems: int
     precision: str
     prune_ratio: float | None
+    boundary_in_elems: int = 0     # int8 conv fed by a float tensor: a standalone QuantizeLinear on its input
+    boundary_out_elems: int = 0    # int8 conv feeding a float consumer: a standalone DequantizeLinear on its output
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -128,6 +131,11 @@ class SearchSpace:
         self.knobs = self._make_knobs(modules, min_share)
         self.precision_layers = tuple(n for n, c in self.convs.items() if not c.head_output) \
             if "int8" in precisions else ()
+        self.producers = conv_producers(model, set(self.convs))
+        self.consumers: dict[str, set[str]] = {}
+        for c, ps in self.producers.items():
+            for p in ps:
+                self.consumers.setdefault(p, set()).add(c)
 
     # ---- construction
 
@@ -174,11 +182,21 @@ class SearchSpace:
         return self.uniform(max(self.ratios), int8=bool(self.precision_layers))
 
     def random(self, rng: random.Random) -> Candidate:
-        level = rng.random()   # a per-candidate bias, so samples spread from light to heavy
+        """Ratios with a per-candidate bias (samples spread from light to heavy); precision all int8, all
+        fp32, or int8 with one to three runs of consecutive fp32 layers (a per-layer coin flip would mostly
+        sample candidates full of precision boundaries, which no search keeps)."""
+        level = rng.random()
         ratios = tuple(self.ratios[min(len(self.ratios) - 1, int(rng.random() * len(self.ratios) * (0.5 + level)))]
                        for _ in self.knobs)
-        p8 = rng.random()
-        return Candidate(ratios, tuple(rng.random() < p8 for _ in self.precision_layers))
+        n = len(self.precision_layers)
+        kind = rng.randrange(3)
+        bits = [kind != 1] * n
+        if kind == 2 and n:
+            for _ in range(rng.randint(1, 3)):
+                start = rng.randrange(n)
+                for i in range(start, min(n, start + rng.randint(1, max(1, n // 4)))):
+                    bits[i] = False
+        return Candidate(ratios, tuple(bits))
 
     def check(self, c: Candidate) -> None:
         if len(c.ratios) != len(self.knobs) or len(c.int8) != len(self.precision_layers):
@@ -234,9 +252,13 @@ class SearchSpace:
         for n, info in self.convs.items():
             cout = info.out_channels - removed.get((n, 0), 0)
             cin = cout if info.kind == "depthwise" else info.in_channels - removed.get((n, 1), 0)
-            prec = "int8" if precision.get(n) else "fp32"
+            q = bool(precision.get(n))
+            q_in = q and any(not precision.get(p) for p in self.producers.get(n, (INPUT,)))
+            dq_out = q and any(not precision.get(c) for c in self.consumers.get(n, {OUTPUT}))
             rows.append(LayerRow(n, info.kind, cin, cout, info.out_channels, _conv_macs(info, cin, cout),
-                                 cout * info.pixels, cin * info.pixels * info.stride, prec, ratio_of.get(n)))
+                                 cout * info.pixels, cin * info.pixels * info.stride, "int8" if q else "fp32",
+                                 ratio_of.get(n), cin * info.pixels * info.stride if q_in else 0,
+                                 cout * info.pixels if dq_out else 0))
         return rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -247,6 +269,46 @@ class SearchSpace:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def conv_producers(model: nn.Module, convs: set[str]) -> dict[str, tuple[str, ...]]:
+    """Per conv, the convs whose outputs reach its input through non-conv ops (``INPUT`` for the image),
+    read from the model's exported ONNX graph (concats, adds, resizes and activations pass through)."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    from edge_compress.backends.onnx_export import export_onnx
+    from edge_compress.quant.qdq import conv_module_map
+
+    with tempfile.TemporaryDirectory(prefix="fit_graph_") as tmp:
+        graph = onnx.load(str(export_onnx(model, Path(tmp) / "model.onnx")))
+    module_of = {node: module for module, node in conv_module_map(model, graph).items()}
+    producer = {out: node for node in graph.graph.node for out in node.output}
+    inits = {i.name for i in graph.graph.initializer}
+    result = {}
+    for node in graph.graph.node:
+        if node.op_type == "Conv" and module_of.get(node.name) in convs:
+            result[module_of[node.name]] = tuple(sorted(_upstream(node.input[0], producer, inits, module_of)))
+    return result
+
+
+def _upstream(tensor: str, producer: dict, inits: set[str], module_of: dict[str, str]) -> set[str]:
+    found, seen, stack = set(), set(), [tensor]
+    while stack:
+        t = stack.pop()
+        if t in seen or t in inits:
+            continue
+        seen.add(t)
+        node = producer.get(t)
+        if node is None:
+            found.add(INPUT)
+        elif node.op_type == "Conv":
+            found.add(module_of.get(node.name, node.name))
+        else:
+            stack += list(node.input)
+    return found
 
 
 def _conv_info(name: str, conv: nn.Conv2d, calls, head_output: bool) -> ConvInfo:

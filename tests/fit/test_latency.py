@@ -36,7 +36,9 @@ def _truth(x):
             w[i] = (0.004 if ",int8]" in n else 0.012) * (3.0 if "depthwise" in n else 1.0)
         elif n.startswith("out_elems["):
             w[i] = 0.002
-    w[names.index("int8_input_elems")] = 0.001
+    w[names.index("int8_in_elems")] = 0.001
+    w[names.index("quantize_boundary_elems")] = 0.004
+    w[names.index("dequantize_boundary_elems")] = 0.004
     return x @ w
 
 
@@ -46,7 +48,9 @@ def test_features_sum_layer_terms(space):
     x = features(rows)
     assert x[0] == 1.0 and len(x) == len(feature_names())
     assert np.isclose(sum(x[1:7]) * 1e6, sum(r.macs for r in rows))
-    assert np.isclose(x[-1] * 1e5, sum(r.in_elems for r in rows if r.precision == "int8"))
+    assert np.isclose(x[-3] * 1e5, sum(r.in_elems for r in rows if r.precision == "int8"))
+    assert np.isclose(x[-2] * 1e5, sum(r.boundary_in_elems for r in rows))
+    assert np.isclose(x[-1] * 1e5, sum(r.boundary_out_elems for r in rows))
 
 
 def test_fit_recovers_a_linear_device(space):

@@ -81,3 +81,27 @@ def test_bad_inputs_are_errors(model):
     bad = Candidate((0.3,) * len(space.knobs), (False,) * len(space.precision_layers))
     with pytest.raises(ConfigError, match="not among"):
         space.layers(bad)
+
+
+def test_precision_boundaries_follow_the_graph(model):
+    from edge_compress.fit.space import INPUT
+
+    space = SearchSpace(model)
+    first = next(iter(space.convs))
+    assert space.producers[first] == (INPUT,)
+    assert all(space.producers[n] for n in space.convs)
+    fp32 = space.layers(space.baseline())
+    assert not any(r.boundary_in_elems or r.boundary_out_elems for r in fp32)
+    int8 = {r.name: r for r in space.layers(space.uniform(0.0, True))}
+    # all int8: the image is quantised once, and the int8 convs feeding the fp32 head outputs dequantise
+    assert int8[first].boundary_in_elems == int8[first].in_elems
+    heads = [n for n, c in space.convs.items() if c.head_output]
+    feeding = {p for h in heads for p in space.producers[h]}
+    assert {n for n, r in int8.items() if r.boundary_out_elems} == feeding
+    # one fp32 layer in the middle of the int8 chain adds boundaries around it
+    j = len(space.precision_layers) // 2
+    bits = [True] * len(space.precision_layers)
+    bits[j] = False
+    mixed = space.layers(Candidate(space.uniform(0.0, True).ratios, tuple(bits)))
+    assert sum(r.boundary_in_elems + r.boundary_out_elems for r in mixed) > \
+        sum(r.boundary_in_elems + r.boundary_out_elems for r in int8.values())
