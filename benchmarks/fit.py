@@ -133,7 +133,7 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
           + ", ".join(f"{b:.3f}" for _, b in budgets), flush=True)
     grid = [measure_uniform(ckpt, data, space, backend, r, True, work, devices, store, args.threads,
                             {"run": "bench-uniform"}) for r in UNIFORM_GRID]
-    rows, sens = [], None
+    rows, sens = [], args.sensitivity
     for i, (kind, budget) in enumerate(budgets):
         out = args.out / fam / backend / f"budget{i}-{budget:.3f}ms"
         t0 = time.perf_counter()
@@ -200,7 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="shipped 128 px yolo_tiny, OpenVINO, one budget")
     ap.add_argument("--families", nargs="+", choices=["yolo_tiny", "ssdlite", "picodet"])
     ap.add_argument("--backends", nargs="+", choices=["openvino", "onnxruntime"])
-    ap.add_argument("--fractions", type=float, nargs="+", help="budgets int8 + f (fp32 - int8) (0.25 0.5 0.75)")
+    ap.add_argument("--fractions", type=float, nargs="*", help="budgets int8 + f (fp32 - int8) (0.25 0.5 0.75)")
+    ap.add_argument("--sensitivity", type=Path, help="a sensitivity.json of an earlier run of this family (reused)")
     ap.add_argument("--below", type=float, nargs="*", help="budgets g * int8 (default 0.8 0.6; quick: none)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--zoo", type=Path, default=ROOT / "runs" / "bench_zoo")
@@ -209,7 +210,8 @@ def main(argv=None) -> int:
     warnings.simplefilter("ignore")
     tmp = Path(tempfile.mkdtemp(prefix="bench_fit_"))
     args.out = args.out or ROOT / "runs" / "bench_fit" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    args.fractions = args.fractions or ([0.75] if args.quick else [0.25, 0.5, 0.75])
+    if args.fractions is None:
+        args.fractions = [0.75] if args.quick else [0.25, 0.5, 0.75]
     args.below = args.below if args.below is not None else ([] if args.quick else [0.7])
     families = args.families or (["yolo_tiny"] if args.quick else ["yolo_tiny", "ssdlite"])
     backends = args.backends or (["openvino"] if args.quick else ["openvino", "onnxruntime"])

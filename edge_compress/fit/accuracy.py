@@ -209,5 +209,6 @@ class Sensitivity:
         return d
 
     def estimate(self, c: Candidate) -> float:
-        """Baseline AP less the drops, floored at 0 (summed drops of a heavy candidate overshoot)."""
-        return max(0.0, self.data["baseline_ap"] - self.drop(c))
+        """Baseline AP less the drops. Summed drops of a heavy candidate overshoot below 0; the value is
+        kept (not floored), so the search still ranks heavy candidates against each other."""
+        return self.data["baseline_ap"] - self.drop(c)

@@ -240,18 +240,22 @@ class FitRun:
 
     def _explore(self) -> None:
         for _ in range(self.config.search_rounds):
-            if len(self.state.valid()) >= self.config.max_measurements:
+            if self._own() >= self.config.max_measurements:
                 break
             models = self._fit_models()
             proposals = self._propose(models)
             adaptive = self._adaptive(models["latency_ms"] if "latency_ms" in models else None, proposals)
-            room = self.config.max_measurements - len(self.state.valid())
+            room = self.config.max_measurements - self._own()
             todo = list(dict.fromkeys(proposals[:max(1, self.config.batch - ADAPTIVE_PER_ROUND)] + adaptive))
             todo = [c for c in todo if c.key() not in self.state.measured_keys()][:room]
             if not todo:
                 self.log("search: every proposal is measured already; the search has converged")
                 break
-            self._measure(todo, f"search round ({len(self.state.valid())} measured)")
+            self._measure(todo, f"search round ({self._own()} measured)")
+
+    def _own(self) -> int:
+        """This run's device measurements (``max_measurements`` caps these; reused ones are free)."""
+        return sum(1 for m in self.state.valid() if not m.get("from_run"))
 
     def _memo(self, models: dict[str, LatencyModel], tighten: float = 1.0) -> Memo:
         limits = {k: v * self.state.data["scale"].get(k, 1.0) * tighten
@@ -374,7 +378,7 @@ class FitRun:
         return results
 
     def _measure_line(self, c: Candidate, m: dict[str, Any]) -> str:
-        n = len(self.state.valid())
+        n = self._own()
         if "error" in m:
             return f"  [{n}/{self.config.max_measurements}] {c.key()}: measurement failed: {m['error']}"
         est = "" if m["est_ap"] is None else f", est AP {m['est_ap']:.4f}"
@@ -618,7 +622,8 @@ class FitRun:
             pred = float(models["latency_ms"].predict(self._x(c))) if "latency_ms" in models else None
             check = self.state.data["checks"].get(m["key"], {})
             pts.append({"key": m["key"], "measured_ms": m[self.config.percentile], "predicted_ms": pred,
-                        "est_ap": self.sens.estimate(c), "ap": check.get("ap"), "heldout": bool(m.get("heldout")),
+                        "est_ap": max(0.0, self.sens.estimate(c)), "ap": check.get("ap"),
+                        "heldout": bool(m.get("heldout")),
                         "energy_mj": m.get("energy_mj"), "size_bytes": m.get("size_bytes"), "pareto": False})
         for i in pareto([(p["measured_ms"], p["ap"] if p["ap"] is not None else p["est_ap"]) for p in pts]):
             pts[i]["pareto"] = True
