@@ -70,9 +70,9 @@ def _short_fit(out: Path, data: Path, model: str, run: Path, backend: str, int8_
         res = fit(run / "best.pt", data, FitConfig(budget_ms=budget, **DEMO_FIT), folder, backend=backend,
                   store=Path(out) / "profiles", executor="inline", log=lambda s: print(f"  {s}"))
     except FitError as e:   # the demo's other results stand; say plainly that this budget was not met
-        print(f"fit: no verified result: {e}\n(the measurements and state are in {folder}; rerun "
-              f"`edge-compress fit --model {run / 'best.pt'} --data {data} --budget-ms {budget} --out {folder}` "
-              "with a looser budget or more --verify-rounds)")
+        print(f"fit: no verified result: {e}\n(its measurements and state are in {folder}; try "
+              f"`edge-compress fit --model {run / 'best.pt'} --data {data} --out NEW_DIR` with a looser --budget-ms "
+              "or more --verify-rounds)")
         return
     r, lm = res.result["result"], res.result["latency_model"]
     t = Table("budget", "measured p50", "AP (runtime)", "int8 everywhere", "held-out within 10%", "report",
