@@ -19,7 +19,7 @@ from __future__ import annotations
 import shutil
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +170,3 @@ def drop_model_files(artifact: Path) -> None:
     for p in artifact.iterdir():
         if p.name != MANIFEST:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def job_dict(job: Any) -> dict[str, Any]:
-    return asdict(job)

@@ -244,7 +244,7 @@ class FitRun:
                 break
             models = self._fit_models()
             proposals = self._propose(models)
-            adaptive = self._adaptive(models["latency_ms"] if "latency_ms" in models else None, proposals)
+            adaptive = self._adaptive(models, proposals)
             room = self.config.max_measurements - self._own()
             todo = list(dict.fromkeys(proposals[:max(1, self.config.batch - ADAPTIVE_PER_ROUND)] + adaptive))
             todo = [c for c in todo if c.key() not in self.state.measured_keys()][:room]
@@ -278,11 +278,12 @@ class FitRun:
             out += ([g] if g else []) + evo[:2]
         return list(dict.fromkeys(out))
 
-    def _adaptive(self, model: LatencyModel | None, proposals: list[Candidate]) -> list[Candidate]:
+    def _adaptive(self, models: dict[str, LatencyModel], proposals: list[Candidate]) -> list[Candidate]:
         """Candidates near the budget where the latency model is least sure (see ``sampling_scores``)."""
+        model = models.get("latency_ms")
         if model is None:
             return []
-        m = self._memo({"latency_ms": model, **{k: v for k, v in self._fit_models().items() if k != "latency_ms"}})
+        m = self._memo(models)
         pool = [c for c in evolve(self.space, Memo(lambda c: abs(m.cost(c) - 1.0) * 5, m.acc), self.rng,
                                   population=32, generations=10)
                 if c.key() not in self.state.measured_keys() and c not in proposals]
