@@ -42,10 +42,11 @@ from backends import FULL_MODELS, cpu_name, full_checkpoints, quick_checkpoints 
 
 UNIFORM_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 FULL = dict(sensitivity_images=64, initial_samples=10, max_measurements=40, search_rounds=5, batch=6,
-            check_candidates=1, check_epochs=1, finetune_epochs=2, verify_rounds=3, profile_seconds=8.0)
+            check_candidates=1, check_epochs=1, finetune_epochs=2, verify_rounds=3, profile_seconds=8.0,
+            measure_sessions=3)
 QUICK = dict(sensitivity_images=16, initial_samples=4, max_measurements=12, search_rounds=1, batch=4,
              check_candidates=0, check_epochs=0, finetune_epochs=1, calib_images=16, verify_rounds=3,
-             profile_seconds=1.0)
+             profile_seconds=1.0, measure_sessions=1)
 GOALS = {"violations": 0, "ap_gain_points": 2.0, "predictor_within_10pct": 0.95}
 
 
@@ -57,9 +58,10 @@ def devices_file(tmp: Path, threads: int) -> Path:
 
 
 def measure_uniform(ckpt: Path, data: Path, space, backend: str, ratio: float, int8: bool, work: Path,
-                    devices: Path, store: Path, threads: int, tag: dict[str, Any]) -> dict[str, Any]:
-    """Build and measure one uniform candidate (every knob pruned by ``ratio``)."""
-    from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, measure_candidate
+                    devices: Path, store: Path, threads: int, tag: dict[str, Any], sessions: int) -> dict[str, Any]:
+    """Build and measure one uniform candidate (every knob pruned by ``ratio``), as the fit measures: the
+    median of ``sessions`` sessions, each in a fresh process."""
+    from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, measure_fresh
     from edge_compress.profile.devices import get_device
     from edge_compress.profile.profiler import ProfileSettings
 
@@ -73,15 +75,15 @@ def measure_uniform(ckpt: Path, data: Path, space, backend: str, ratio: float, i
         raise RuntimeError(f"{key}: {b['error']}")
     settings = ProfileSettings(warmup=5, warmup_seconds=1.0, min_repeats=20, max_seconds=8.0, threads=threads,
                                per_layer=False, energy="none")
-    m = measure_candidate(MeasureJob(key, b["artifact"], get_device("local", devices).to_dict(),
-                                     settings.to_dict(), str(store), False, tag))
+    m = measure_fresh(MeasureJob(key, b["artifact"], get_device("local", devices).to_dict(),
+                                 settings.to_dict(), str(store), False, tag, sessions))
     if "error" in m:
         raise RuntimeError(f"{key}: {m['error']}")
     return {**m, "ratio": ratio, "ratios": ratios}
 
 
 def uniform_result(ckpt: Path, data: Path, space, backend: str, row: dict[str, Any], epochs: int, work: Path,
-                   devices: Path, store: Path, threads: int) -> dict[str, Any]:
+                   devices: Path, store: Path, threads: int, sessions: int) -> dict[str, Any]:
     """Fine-tune (distilled) + export int8 + runtime mAP + latency of the chosen uniform candidate."""
     from edge_compress.export import export_model
     from edge_compress.fit.finetune import FinetuneJob, finetune_candidate
@@ -98,20 +100,20 @@ def uniform_result(ckpt: Path, data: Path, space, backend: str, row: dict[str, A
         warnings.simplefilter("ignore")
         art = export_model(load_detector(model_ckpt), backend, work / f"art{row['ratio']:g}-{time.time_ns()}",
                            quant=QuantConfig(), data=data, threads=threads, latency_check=False)
-    final = measure_uniform_artifact(art.path, devices, store, threads)
+    final = measure_uniform_artifact(art.path, devices, store, threads, sessions)
     return {"ratio": row["ratio"], "candidate_ms": row["p50"], "measured_ms": final, "ap": art.manifest["metrics"]
             ["map"]["ap"], "finetuned_fp32_ap": ft_ap, "epochs": epochs if row["ratios"] else 0}
 
 
-def measure_uniform_artifact(path: Path, devices: Path, store: Path, threads: int) -> float:
-    from edge_compress.fit.measure import MeasureJob, measure_candidate
+def measure_uniform_artifact(path: Path, devices: Path, store: Path, threads: int, sessions: int) -> float:
+    from edge_compress.fit.measure import MeasureJob, measure_fresh
     from edge_compress.profile.devices import get_device
     from edge_compress.profile.profiler import ProfileSettings
 
     settings = ProfileSettings(warmup=5, warmup_seconds=1.0, min_repeats=20, max_seconds=8.0, threads=threads,
                                per_layer=False, energy="none")
-    m = measure_candidate(MeasureJob("uniform-final", str(path), get_device("local", devices).to_dict(),
-                                     settings.to_dict(), str(store), True, {"run": "bench-uniform"}))
+    m = measure_fresh(MeasureJob("uniform-final", str(path), get_device("local", devices).to_dict(),
+                                 settings.to_dict(), str(store), True, {"run": "bench-uniform"}, sessions))
     return m["p50"]
 
 
@@ -123,8 +125,9 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
 
     space = SearchSpace(load_detector(ckpt), FitConfig(budget_ms=1.0).ratios)
     tag = {"run": "bench", "space": space.fingerprint()}
+    sessions = settings["measure_sessions"]
     base = {q: measure_uniform(ckpt, data, space, backend, 0.0, q, work, devices, store, args.threads,
-                               {**tag, "candidate_dict": (space.uniform(0.0, q)).to_dict()})["p50"]
+                               {**tag, "candidate_dict": (space.uniform(0.0, q)).to_dict()}, sessions)["p50"]
             for q in (False, True)}
     lo, hi = sorted((base[True], base[False]))
     budgets = [("between", lo + f * (hi - lo)) for f in args.fractions] + [("below", g * base[True])
@@ -132,7 +135,7 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
     print(f"\n{fam} / {backend}: fp32 {base[False]:.3f} ms, int8 {base[True]:.3f} ms; budgets "
           + ", ".join(f"{b:.3f}" for _, b in budgets), flush=True)
     grid = [measure_uniform(ckpt, data, space, backend, r, True, work, devices, store, args.threads,
-                            {"run": "bench-uniform"}) for r in UNIFORM_GRID]
+                            {"run": "bench-uniform"}, sessions) for r in UNIFORM_GRID]
     rows, sens = [], args.sensitivity
     for i, (kind, budget) in enumerate(budgets):
         out = args.out / fam / backend / f"budget{i}-{budget:.3f}ms"
@@ -152,7 +155,7 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
         fit_s = time.perf_counter() - t0
         uni_row = next((g for g in grid if g["p50"] <= r["latency_ms"]), grid[-1])
         uni = uniform_result(ckpt, data, space, backend, uni_row, settings["finetune_epochs"], work, devices,
-                             store, args.threads)
+                             store, args.threads, sessions)
         lm = res.result["latency_model"]
         rows.append({"family": fam, "backend": backend, "kind": kind, "budget_ms": budget, "fit_ms": r["latency_ms"],
                      "fit_ap": r["ap"], "violation": r["latency_ms"] > budget, "uniform": uni,

@@ -26,6 +26,8 @@ class FitConfig:
     val images score each layer's change. ``check_candidates`` of the best measured
     candidates get a ``check_epochs`` fine-tune and a real mAP before the choice.
 
+    A measurement is the median of ``measure_sessions`` profiling sessions of up to
+    ``profile_seconds`` each, every one in a fresh process (see ``fit.measure``).
     Result: ``finetune_epochs`` of fine-tune with distillation from the uncompressed
     model, export (``calib_images`` calibration images for int8), verification on the
     device; a miss tightens the search budget and repeats, ``verify_rounds`` at most.
@@ -51,6 +53,7 @@ class FitConfig:
     calib_images: int = 64
     verify_rounds: int = 3
     profile_seconds: float = 10.0
+    measure_sessions: int = 3
     threads: int | None = None
     seed: int = 0
 
@@ -66,7 +69,7 @@ class FitConfig:
         if self.percentile not in PERCENTILES:
             raise ConfigError(f"fit.percentile={self.percentile!r}; choose one of: {', '.join(PERCENTILES)}")
         for name in ("round_to", "min_channels", "batch", "search_rounds", "verify_rounds", "calib_images",
-                     "sensitivity_images", "initial_samples"):
+                     "sensitivity_images", "initial_samples", "measure_sessions"):
             _positive_int(name, getattr(self, name))
         for name in ("check_candidates", "check_epochs", "finetune_epochs"):
             _positive_int(name, getattr(self, name), minimum=0)

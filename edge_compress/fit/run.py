@@ -40,7 +40,7 @@ from edge_compress.fit.executor import make_executor
 from edge_compress.fit.finetune import FinetuneJob, finetune_candidate
 from edge_compress.fit.latency import LatencyModel, environment_key, features, fit_latency, holdout_report, \
     sampling_scores
-from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, measure_candidate
+from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, file_measurement, profile_session
 from edge_compress.fit.search import Memo, evolve, greedy, pareto
 from edge_compress.fit.space import Candidate, SearchSpace
 from edge_compress.fit.state import FitState
@@ -369,14 +369,19 @@ class FitRun:
                 self.log(f"  {c.key()}: build failed: {b['error']}")
                 results.append(b)
                 continue
-            m = self.executor.measure_all(measure_candidate, [self._measure_job(c, b["artifact"])],
-                                          self.device.connection == "local")[0]
+            m = self._on_device(self._measure_job(c, b["artifact"]))
             m.update(candidate=c.to_dict(), heldout=self._heldout(c.key()),
                      est_ap=self.sens.estimate(c) if self.sens.complete else None)
             self.state.add_measurement(m)
             results.append(m)
             self.log(self._measure_line(c, m))
         return results
+
+    def _on_device(self, job: MeasureJob) -> dict[str, Any]:
+        """``job``'s sessions one by one on the device (each in a fresh process on ``local``), then filed."""
+        sessions = self.executor.measure_all(profile_session, [job] * job.sessions,
+                                             self.device.connection == "local")
+        return file_measurement(job, sessions)
 
     def _measure_line(self, c: Candidate, m: dict[str, Any]) -> str:
         n = self._own()
@@ -401,7 +406,8 @@ class FitRun:
                                    max_seconds=self.config.profile_seconds, threads=self.threads,
                                    per_layer=per_layer, energy=energy)
         return MeasureJob(c.key(), artifact, self.device.to_dict(), settings.to_dict(), str(self.store), keep,
-                          {"run": self.state.run_id, "space": self.space.fingerprint(), "candidate_dict": c.to_dict()})
+                          {"run": self.state.run_id, "space": self.space.fingerprint(), "candidate_dict": c.to_dict()},
+                          self.config.measure_sessions)
 
     def _latest(self, c: Candidate) -> dict[str, Any] | None:
         found = [m for m in self.state.valid() if m["key"] == c.key()]
@@ -530,9 +536,7 @@ class FitRun:
         art = export_model(model, self.backend, folder / "artifact", quant=quant, data=self.data,
                            threads=self.threads, recipe={"steps": [], "fit": {"run": self.state.run_id,
                                                                                 "candidate": c.key()}})
-        m = self.executor.measure_all(measure_candidate, [self._measure_job(c, str(art.path), keep=True,
-                                                                            per_layer=True)],
-                                      self.device.connection == "local")[0]
+        m = self._on_device(self._measure_job(c, str(art.path), keep=True, per_layer=True))
         if "error" in m:
             raise FitError(f"the result could not be measured on '{self.device.name}': {m['error']}")
         passed = self._meets(m, scaled=False)

@@ -52,7 +52,8 @@ def test_fit_on_ray(ray_executor, tiny_checkpoint, tiny_synth, tmp_path, monkeyp
     devices.write_text("devices:\n  local:\n    connection: local\n    backends: [onnxruntime]\n    threads: 1\n")
     cfg = FitConfig(budget_ms=1000.0, ratios=(0.0, 0.5), sensitivity_images=8, initial_samples=3,
                     max_measurements=8, search_rounds=1, batch=3, check_candidates=1, check_epochs=1,
-                    finetune_epochs=1, calib_images=8, verify_rounds=1, profile_seconds=1.0)
+                    finetune_epochs=1, calib_images=8, verify_rounds=1, profile_seconds=1.0,
+                    measure_sessions=1)
     res = fit(tiny_checkpoint, tiny_synth, cfg, tmp_path / "out", backend="onnxruntime", devices_path=devices,
               store=tmp_path / "profiles", executor="ray")
     state = json.loads((tmp_path / "out" / "state.json").read_text())

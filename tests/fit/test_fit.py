@@ -15,7 +15,7 @@ from edge_compress.profile.store import ProfileStore
 
 SMALL = dict(ratios=(0.0, 0.5), sensitivity_images=8, initial_samples=3, max_measurements=10, search_rounds=2,
              batch=3, check_candidates=1, check_epochs=1, finetune_epochs=1, calib_images=8, verify_rounds=2,
-             profile_seconds=1.0)
+             profile_seconds=1.0, measure_sessions=2)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,27 @@ def test_every_measurement_is_in_the_profile_store(finished):
               if e.record.get("fit", {}).get("run") == state["run"]}
     assert {m["record"] for m in ms} <= stored
     assert state["checks"] and len(state["rounds"]) >= 1
+
+
+def test_a_measurement_is_the_median_of_its_fresh_sessions(finished):
+    res, _, _, _ = finished
+    state = json.loads((res.out / STATE).read_text())
+    for m in [m for m in state["measurements"] if "record" in m and not m.get("from_run")]:
+        lat = json.loads(Path(m["record"]).read_text())["latency"]
+        p50s = sorted(x["p50"] for x in lat["sessions"])
+        assert len(p50s) == 2 and m["sessions_p50"] == [x["p50"] for x in lat["sessions"]]
+        assert m["p50"] == lat["p50"] == p50s[1]             # the upper median of two: the record is that session
+        assert lat["repeats"] == len(lat["samples_ms"])
+
+
+def test_a_failed_session_fails_the_measurement(tmp_path):
+    from edge_compress.fit.measure import MeasureJob, file_measurement
+
+    job = MeasureJob("k", str(tmp_path / "a"), {}, {}, str(tmp_path / "store"), sessions=2)
+    ok = {"key": "k", "record": {"latency": {"p50": 1.0}}}
+    m = file_measurement(job, [ok, {"key": "k", "error": "RemoteError: the agent went away"}])
+    assert m == {"key": "k", "error": "RemoteError: the agent went away"}
+    assert not (tmp_path / "store").exists()                   # nothing filed
 
 
 def test_report_and_result_json(finished):
