@@ -164,6 +164,19 @@ def holdout_report(x: np.ndarray, y: np.ndarray, heldout: np.ndarray, environmen
     return out
 
 
+def measurement_repeatability(sessions: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """How far one session's p50 falls from the median of its candidate's sessions: the device's own
+    noise, which no latency model can beat (a model within +-10% of measurements that themselves
+    repeat within +-10% only so often is as good as the measurements allow)."""
+    dev = [abs(v - float(np.median(s))) / float(np.median(s)) for s in sessions if len(s) > 1 for v in s]
+    if not dev:
+        return {"n_candidates": 0, "note": "no candidate measured in more than one session"}
+    a = np.asarray(dev)
+    return {"n_candidates": sum(1 for s in sessions if len(s) > 1), "n_sessions": len(a),
+            "session_within_10pct_of_median": float((a <= 0.10).mean()),
+            "session_median_abs_rel_dev": float(np.median(a)), "session_p95_abs_rel_dev": float(np.percentile(a, 95))}
+
+
 def sampling_scores(model: LatencyModel, x_new: np.ndarray, x_seen: np.ndarray, y_seen: np.ndarray) -> np.ndarray:
     """Where to measure next: leverage x (1 + 10 * |relative error| of the nearest measured candidate)."""
     lev = model.leverage(x_new)

@@ -430,7 +430,17 @@ def _latency_model_caption(lm: dict) -> str:
     return (f"Within +-10 % of the measured latency: {_fmt_pct(within)}{source} of the held-out candidates. "
             f"Fitted on {_e(lm.get('n_fit', DASH))} candidates, {_e(lm.get('n_heldout', DASH))} held out; "
             f"median |relative error| {_fmt_pct(lm.get('median_abs_rel_err'))}, "
-            f"95th percentile {_fmt_pct(lm.get('p95_abs_rel_err'))}.")
+            f"95th percentile {_fmt_pct(lm.get('p95_abs_rel_err'))}." + _noise_caption(lm.get("measurement")))
+
+
+def _noise_caption(rep: Any) -> str:
+    """The device's own repeatability, the bound on any model's accuracy (absent in older results)."""
+    if not isinstance(rep, dict) or _num(rep.get("session_within_10pct_of_median")) is None:
+        return ""
+    return (f" The measurements themselves: {_fmt_pct(rep['session_within_10pct_of_median'])} of single "
+            f"sessions fall within +-10 % of their candidate's median session (median deviation "
+            f"{_fmt_pct(rep.get('session_median_abs_rel_dev'))}, over {_e(rep.get('n_candidates', DASH))} "
+            "candidates).")
 
 
 # --- tables -----------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from edge_compress.fit.config import FitConfig
 from edge_compress.fit.executor import make_executor
 from edge_compress.fit.finetune import FinetuneJob, finetune_candidate
 from edge_compress.fit.latency import LatencyModel, environment_key, features, fit_latency, holdout_report, \
+    measurement_repeatability, \
     sampling_scores
 from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, file_measurement, profile_session
 from edge_compress.fit.search import Memo, evolve, greedy, pareto
@@ -347,7 +348,8 @@ class FitRun:
             return {}
         x, y = self._design("latency_ms")
         held = np.array([bool(m.get("heldout")) for m in usable])
-        return holdout_report(x, y, held, self.env or {}, [m["key"] for m in usable])
+        rep = holdout_report(x, y, held, self.env or {}, [m["key"] for m in usable])
+        return {**rep, "measurement": measurement_repeatability([m.get("sessions_p50") or [] for m in usable])}
 
     # ---- measuring
 
@@ -446,16 +448,26 @@ class FitRun:
 
     # ---- 5. choice
 
-    def _meets(self, m: dict[str, Any], scaled: bool = True) -> bool:
+    def _meets(self, m: dict[str, Any], scaled: bool = True, every_session: bool = False) -> bool:
+        """``m`` within the budget (``scaled``: the search budget, tightened after a miss); ``every_session``:
+        each of its sessions' p50 too, not just their median (a p50 budget)."""
         for name, limit in self.config.constraints().items():
             value = self._value(m, name)
+            if every_session and name == "latency_ms" and self.config.percentile == "p50" and m.get("sessions_p50"):
+                value = max(m["sessions_p50"])
             lim = limit * (self.state.data["scale"].get(name, 1.0) if scaled else 1.0)
             if value is None or value > lim:
                 return False
         return True
 
     def _choose(self) -> Candidate:
-        feasible = {m["key"]: m for m in self._usable() if self._meets(m)}
+        """The best estimated of the measured candidates within the budget, preferring those whose every
+        session met it: on a noisy device the best of many candidates measured near the budget is the
+        luckiest measurement, and its verification measures it again (the demo's picodet_s chose one
+        measured at 5.69 ms under a 6.14 ms budget; the same artifact then timed 5.8-7.4 ms in 5 sessions)."""
+        usable = self._usable()
+        feasible = {m["key"]: m for m in usable if self._meets(m, every_session=True)} or \
+            {m["key"]: m for m in usable if self._meets(m)}
         if not feasible:
             raise FitError(f"no measured candidate meets the budget ({self._budget_text()}) on the device; "
                            "raise --max-measurements or the budget")

@@ -108,3 +108,21 @@ def test_cost_uses_the_latency_features(space):
     # the search's cost functions read the same features the latency model is fitted on
     x = features(space.layers(space.smallest()))
     assert x[0] == 1.0 and x[1:].sum() > 0
+
+
+def test_sensitivity_drops_within_the_noise_count_zero(space, tmp_path):
+    """An AP gain of a single change is the val subset's noise: drops up to the largest gain are free."""
+    from edge_compress.fit.accuracy import Sensitivity
+
+    s = Sensitivity(tmp_path / "sensitivity.json", space)
+    s.data["baseline_ap"] = 0.5
+    s.data["prune"] = {k.name: {f"{r:g}": 0.01 * r for r in space.ratios if r > 0} for k in space.knobs}
+    s.data["int8"] = {n: 0.0005 for n in space.precision_layers}
+    all_int8 = space.uniform(0.0, True)
+    assert s.noise() == 0.0 and s.drop(all_int8) == pytest.approx(0.0005 * len(space.precision_layers))
+    s.data["int8"][space.precision_layers[0]] = -0.001      # one layer "gained" 0.1 points in int8: noise
+    s._save()
+    assert s.noise() == pytest.approx(0.001) and s.drop(all_int8) == 0.0
+    heavy = space.uniform(0.75, True)
+    assert s.drop(heavy) == pytest.approx(0.0075 * len(space.knobs))     # real drops are kept whole
+    assert s.estimate(heavy) == pytest.approx(0.5 - 0.0075 * len(space.knobs))
