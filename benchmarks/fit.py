@@ -223,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fractions", type=float, nargs="*", help="budgets int8 + f (fp32 - int8) (0.25 0.5 0.75)")
     ap.add_argument("--sensitivity", type=Path, help="a sensitivity.json of an earlier run of this family (reused)")
     ap.add_argument("--below", type=float, nargs="*", help="budgets g * int8 (default 0.8 0.6; quick: none)")
+    ap.add_argument("--max-measurements", dest="max_measurements", type=int,
+                    help="device measurements per fit (default 20; quick: 12)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--zoo", type=Path, default=ROOT / "runs" / "bench_zoo")
     ap.add_argument("--out", type=Path, help="default runs/bench_fit/<UTC time>")
@@ -235,7 +237,10 @@ def main(argv=None) -> int:
     args.below = args.below if args.below is not None else ([] if args.quick else [0.7])
     families = args.families or (["yolo_tiny"] if args.quick else ["yolo_tiny", "ssdlite"])
     backends = args.backends or (["openvino"] if args.quick else ["openvino", "onnxruntime"])
-    settings = QUICK if args.quick else FULL
+    settings = dict(QUICK if args.quick else FULL)
+    if args.max_measurements:
+        settings.update(max_measurements=args.max_measurements,
+                        initial_samples=min(settings["initial_samples"], args.max_measurements - 3))
     try:
         ckpts, data = quick_checkpoints(tmp) if args.quick else full_checkpoints(args.zoo, families)
         devices, store = devices_file(tmp, args.threads), args.out / "profiles"

@@ -38,6 +38,9 @@ def add_parsers(verbs) -> None:
     p.add_argument("--finetune-epochs", dest="finetune_epochs", type=int, help="final fine-tune (default 4)")
     p.add_argument("--verify-rounds", dest="verify_rounds", type=int, help="tighten-and-repeat rounds (default 3)")
     p.add_argument("--profile-seconds", dest="profile_seconds", type=float, help="timing cap per candidate (10)")
+    p.add_argument("--precision", choices=["per-layer", "int8", "fp32"],
+                   help="per-layer: fp32 or int8 per conv (default); int8: every conv int8, search the pruning "
+                        "only (fast below the int8 latency); fp32: no int8")
     p.add_argument("--measure-sessions", dest="measure_sessions", type=int,
                    help="sessions per measurement, each in a fresh process; their median counts (default 3)")
     p.add_argument("--sensitivity", type=Path, help="sensitivity.json of an earlier fit of this model (reused)")
@@ -51,7 +54,7 @@ def add_parsers(verbs) -> None:
 
 CONFIG_ARGS = ("budget_ms", "percentile", "budget_mj", "budget_bytes", "threads", "ratios", "max_measurements",
                "initial_samples", "sensitivity_images", "check_candidates", "check_epochs", "finetune_epochs",
-               "verify_rounds", "profile_seconds", "measure_sessions", "seed")
+               "verify_rounds", "profile_seconds", "measure_sessions", "precision", "seed")
 
 
 def cmd_fit(args) -> int:

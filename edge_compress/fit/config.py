@@ -8,6 +8,7 @@ from typing import Any
 from edge_compress.errors import ConfigError, require_known_keys
 
 PERCENTILES = ("p50", "p90", "p99")
+PRECISION_MODES = ("per-layer", "int8", "fp32")
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,8 @@ class FitConfig:
     it; an estimate where the device has none, and labelled so), ``budget_bytes``
     artifact size on disk.
 
-    Search: ``ratios`` per knob, ``initial_samples`` candidates measured before the
+    Search: ``precision`` ``per-layer`` (fp32 or int8 per conv, where the backend takes
+    int8), ``int8`` (every conv int8, only the pruning searched) or ``fp32``; ``ratios`` per knob, ``initial_samples`` candidates measured before the
     first model fit, then rounds of search + ``batch`` measurements (promising and
     adaptive-sampling picks) up to ``max_measurements``; ``holdout`` of them are kept
     out of the latency model's fit to report its error honestly. ``sensitivity_images``
@@ -38,6 +40,7 @@ class FitConfig:
     budget_mj: float | None = None
     budget_bytes: int | None = None
     ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    precision: str = "per-layer"
     round_to: int = 8
     min_channels: int = 8
     initial_samples: int = 10
@@ -66,6 +69,8 @@ class FitConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
                 raise ConfigError(f"fit.{name}={v!r} must be a positive number")
+        if self.precision not in PRECISION_MODES:
+            raise ConfigError(f"fit.precision={self.precision!r}; choose one of: {', '.join(PRECISION_MODES)}")
         if self.percentile not in PERCENTILES:
             raise ConfigError(f"fit.percentile={self.percentile!r}; choose one of: {', '.join(PERCENTILES)}")
         for name in ("round_to", "min_channels", "batch", "search_rounds", "verify_rounds", "calib_images",

@@ -91,7 +91,8 @@ class FitRun:
         self.device = get_device(device, devices_path)
         self.backend = backend
         self._preflight()
-        self.space = SearchSpace(self.model, config.ratios, self.precisions, config.round_to, config.min_channels)
+        self.space = SearchSpace(self.model, config.ratios, self.precisions, config.round_to, config.min_channels,
+                                 int8_everywhere=config.precision == "int8")
         self.threads = config.threads or self.device.threads
         self.state = FitState.open(self.out, self._identity())
         own = self.out / "sensitivity.json"
@@ -121,7 +122,11 @@ class FitRun:
         ok, why = be.available()
         if not ok:
             raise BackendUnavailableError(f"backend '{self.backend}' cannot export here: {why}")
-        self.precisions = tuple(p for p in ("fp32", "int8") if p in be.precisions)
+        self.precisions = tuple(p for p in ("fp32", "int8") if p in be.precisions
+                                and (p == "fp32" or self.config.precision != "fp32"))
+        if self.config.precision == "int8" and "int8" not in self.precisions:
+            raise ConfigError(f"--precision int8: backend '{self.backend}' has no int8 export here "
+                              f"(it takes {list(be.precisions)}); use --precision fp32 or per-layer")
         if not self.checkpoint.is_file():
             raise ConfigError(f"--model {self.checkpoint}: no such checkpoint (a best.pt of `edge-compress train` "
                               "or a model.pt of `edge-compress compress`)")
@@ -144,7 +149,8 @@ class FitRun:
     def run(self) -> FitResult:
         self.log(f"fit: {self.model.name} on '{self.device.name}' with {self.backend}, {self.threads} thread(s); "
                  f"{len(self.space.knobs)} pruning knobs x {len(self.space.ratios)} ratios, "
-                 f"{len(self.space.precision_layers)} precision layers; budget {self._budget_text()}"
+                 + ("every conv int8" if self.space.int8_everywhere else
+                    f"{len(self.space.precision_layers)} precision layers") + f"; budget {self._budget_text()}"
                  + (f"; resuming {self.out} ({len(self.state.valid())} measurements)" if self.state.resumed else ""))
         rounds = self.state.data["rounds"]
         if rounds and rounds[-1]["passed"] and Path(rounds[-1]["artifact"]).is_dir():
@@ -220,7 +226,8 @@ class FitRun:
                 raise FitError(
                     f"budget {name} {limit:g} is below the floor on '{self.device.name}' with {self.backend}: "
                     f"the smallest candidate of the search space (every knob pruned by {max(self.space.ratios):g}"
-                    f"{', every layer int8' if self.space.precision_layers else ''}) measures {value:.4g}. "
+                    f"{', every layer int8' if self.space.any_int8(self.space.smallest()) else ''}) measures "
+                    f"{value:.4g}. "
                     f"Raise the budget above {value:.4g}, or widen the space (larger --ratios)")
 
     # ---- 4. sampling and search
@@ -471,8 +478,9 @@ class FitRun:
         if not feasible:
             raise FitError(f"no measured candidate meets the budget ({self._budget_text()}) on the device; "
                            "raise --max-measurements or the budget")
-        ranked = sorted(feasible.values(), key=lambda m: self.sens.estimate(Candidate.from_dict(m["candidate"])),
-                        reverse=True)
+        # ties (drops within the noise count zero) go to the fastest: the most margin for the verification
+        ranked = sorted(feasible.values(), key=lambda m: (self.sens.estimate(Candidate.from_dict(m["candidate"])),
+                                                          -m[self.config.percentile]), reverse=True)
         top = [Candidate.from_dict(m["candidate"]) for m in ranked[:max(1, self.config.check_candidates)]]
         if self.config.check_candidates == 0 or self.config.check_epochs == 0:
             return top[0]
@@ -618,7 +626,7 @@ class FitRun:
 
     def _baseline_points(self) -> list[dict[str, Any]]:
         points = []
-        named = [("fp32", self.space.baseline())]
+        named = [("int8, unpruned" if self.space.int8_everywhere else "fp32", self.space.baseline())]
         if self.space.precision_layers:
             named.append(("int8 everywhere", self.space.uniform(0.0, True)))
         named.append(("smallest (floor)", self.space.smallest()))

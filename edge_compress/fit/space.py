@@ -11,6 +11,9 @@ Knobs whose convs carry less than ``min_share`` of the model's MACs (SE gates on
 
 A **precision layer** is every conv but the head outputs (those stay fp32: see
 ``edge_compress.quant.qdq``); each is fp32 or int8 where the backend takes int8.
+With ``int8_everywhere`` there are none: every such conv is int8 and the search
+only prunes (no per-layer int8 sensitivity to measure, no precision boundaries:
+the fast choice below the int8 latency, where an fp32 layer only costs time).
 
 ``SearchSpace.layers(candidate)`` gives every conv's channels, MACs and output
 elements without building the model (the latency model's features); a test holds
@@ -113,13 +116,17 @@ class SearchSpace:
 
     def __init__(self, model: nn.Module, ratios: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75),
                  precisions: tuple[str, ...] = PRECISIONS, round_to: int = 8, min_channels: int = 8,
-                 min_share: float = 0.005):
+                 min_share: float = 0.005, int8_everywhere: bool = False):
         from edge_compress.compress.depgraph import analyze
 
         _check_ratios(ratios)
         bad = [p for p in precisions if p not in PRECISIONS]
         if bad or "fp32" not in precisions:
             raise ConfigError(f"fit precisions {list(precisions)}: choose from {list(PRECISIONS)}, fp32 included")
+        if int8_everywhere and "int8" not in precisions:
+            raise ConfigError(f"fit precision 'int8' (every conv int8): the backend takes only {list(precisions)}; "
+                              "use --precision fp32 or a backend with int8")
+        self.int8_everywhere = bool(int8_everywhere)
         self.ratios, self.precisions = tuple(float(r) for r in ratios), tuple(precisions)
         self.round_to, self.min_channels = round_to, min_channels
         graph = analyze(model)
@@ -129,8 +136,9 @@ class SearchSpace:
         self._groups = graph.groups
         self._modules_convs = set(self.convs)
         self.knobs = self._make_knobs(modules, min_share)
-        self.precision_layers = tuple(n for n, c in self.convs.items() if not c.head_output) \
-            if "int8" in precisions else ()
+        quantizable = tuple(n for n, c in self.convs.items() if not c.head_output)
+        self.precision_layers = quantizable if "int8" in precisions and not int8_everywhere else ()
+        self._always_int8 = quantizable if int8_everywhere else ()
         self.producers = conv_producers(model, set(self.convs))
         self.consumers: dict[str, set[str]] = {}
         for c, ps in self.producers.items():
@@ -168,7 +176,7 @@ class SearchSpace:
     # ---- candidates
 
     def baseline(self) -> Candidate:
-        """Unpruned, every layer fp32."""
+        """Unpruned, every layer fp32 (int8 in an ``int8_everywhere`` space)."""
         return Candidate((0.0,) * len(self.knobs), (False,) * len(self.precision_layers))
 
     def uniform(self, ratio: float, int8: bool = True) -> Candidate:
@@ -179,7 +187,7 @@ class SearchSpace:
 
     def smallest(self) -> Candidate:
         """The most compressed candidate: every knob at the largest ratio, every layer int8."""
-        return self.uniform(max(self.ratios), int8=bool(self.precision_layers))
+        return self.uniform(max(self.ratios), int8=True)
 
     def random(self, rng: random.Random) -> Candidate:
         """Ratios with a per-candidate bias (samples spread from light to heavy); precision all int8, all
@@ -217,7 +225,7 @@ class SearchSpace:
         return tuple(n for n, q in zip(self.precision_layers, c.int8) if not q)
 
     def any_int8(self, c: Candidate) -> bool:
-        return any(c.int8)
+        return self.int8_everywhere or any(c.int8)
 
     def prune_config(self, c: Candidate, recalibrate_bn: int = 0):
         from edge_compress.compress.structured import ChannelPruneConfig
@@ -246,7 +254,7 @@ class SearchSpace:
         """Every conv of candidate ``c`` as it will be built (channels, MACs, elements, precision)."""
         self.check(c)
         removed = self._removed(c)
-        precision = dict(zip(self.precision_layers, c.int8))
+        precision = {**dict.fromkeys(self._always_int8, True), **dict(zip(self.precision_layers, c.int8))}
         ratio_of = {conv: r for k, r in zip(self.knobs, c.ratios) for conv in k.convs}
         rows = []
         for n, info in self.convs.items():
@@ -265,7 +273,8 @@ class SearchSpace:
         return {"ratios": list(self.ratios), "precisions": list(self.precisions), "round_to": self.round_to,
                 "min_channels": self.min_channels,
                 "knobs": [{"name": k.name, "convs": list(k.convs), "macs": k.macs} for k in self.knobs],
-                "precision_layers": list(self.precision_layers)}
+                "precision_layers": list(self.precision_layers),
+                **({"int8_everywhere": True} if self.int8_everywhere else {})}
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]

@@ -150,6 +150,24 @@ def test_interrupted_run_loses_no_measurement(tiny_checkpoint, tiny_synth, devic
     assert res.result["result"]["size_bytes"] <= kw["budget_bytes"]
 
 
+def test_int8_everywhere_fit_searches_pruning_on_int8_models(tiny_checkpoint, tiny_synth, devices, fp32_bytes,
+                                                             tmp_path):
+    """``precision="int8"``: every candidate is int8 everywhere (no per-layer int8 sensitivity to take, no
+    precision choice); the result is an int8 artifact within budget."""
+    small = dict(initial_samples=2, max_measurements=6, search_rounds=1, batch=2, check_candidates=0,
+                 measure_sessions=1)
+    res, lines = _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "profiles",
+                      precision="int8", budget_bytes=int(0.3 * fp32_bytes), **small)
+    assert any("every conv int8" in s for s in lines)
+    state = json.loads((res.out / STATE).read_text())
+    assert all(m["candidate"]["int8"] == [] for m in state["measurements"] if "candidate" in m)
+    sens = json.loads((res.out / "sensitivity.json").read_text())
+    assert sens["int8"] == {} and sens["prune"]
+    manifest = json.loads((res.artifact / "manifest.json").read_text())
+    assert "int8" in set(manifest["precision"].values())
+    assert res.result["result"]["size_bytes"] <= int(0.3 * fp32_bytes)
+
+
 def test_impossible_budget_names_the_floor(tiny_checkpoint, tiny_synth, devices, tmp_path):
     with pytest.raises(FitError, match=r"below the floor.*measures \d+") as e:
         _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "p", budget_bytes=1000)

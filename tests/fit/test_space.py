@@ -62,6 +62,19 @@ def test_fp32_only_backend_has_no_precision_layers(model):
     assert space.precision_layers == () and space.smallest().int8 == ()
 
 
+def test_int8_everywhere_searches_the_pruning_only(model):
+    per_layer, fixed = SearchSpace(model), SearchSpace(model, int8_everywhere=True)
+    assert fixed.precision_layers == () and fixed.knobs == per_layer.knobs
+    assert fixed.fingerprint() != per_layer.fingerprint()
+    c = fixed.uniform(0.5)
+    assert fixed.any_int8(c) and fixed.keep_fp32(c) == ()
+    rows, reference = fixed.layers(c), per_layer.layers(per_layer.uniform(0.5, True))
+    assert rows == reference                      # the same model as the per-layer space's all-int8 candidate
+    assert {r.precision for r in rows if not fixed.convs[r.name].head_output} == {"int8"}
+    with pytest.raises(ConfigError, match="int8"):
+        SearchSpace(model, precisions=("fp32",), int8_everywhere=True)
+
+
 def test_candidate_round_trip_and_key():
     c = Candidate((0.0, 0.5), (True, False))
     assert Candidate.from_dict(c.to_dict()) == c and c.key() == Candidate.from_dict(c.to_dict()).key()
