@@ -39,8 +39,7 @@ from edge_compress.fit.config import FitConfig
 from edge_compress.fit.executor import make_executor
 from edge_compress.fit.finetune import FinetuneJob, finetune_candidate
 from edge_compress.fit.latency import LatencyModel, environment_key, features, fit_latency, holdout_report, \
-    measurement_repeatability, \
-    sampling_scores
+    measurement_repeatability, sampling_scores
 from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, file_measurement, profile_session
 from edge_compress.fit.search import Memo, evolve, greedy, pareto
 from edge_compress.fit.space import Candidate, SearchSpace
@@ -477,14 +476,14 @@ class FitRun:
         measures it again (the demo's picodet_s chose one measured at 5.69 ms under a 6.14 ms budget; the
         same artifact then timed 5.8-7.4 ms in 5 sessions): of the candidates estimated within the noise
         of the best (``Sensitivity.noise``, at least 0.5 AP points) those whose every session met the
-        budget come first (by estimate, then the fastest). A safe candidate further down is not taken: a miss costs a
-        verification round, a worse candidate costs AP."""
+        budget come first (by estimate, then the fastest). A safe candidate further down is not taken:
+        a miss costs a verification round, a worse candidate costs AP."""
         usable = self._usable()
         feasible = {m["key"]: m for m in usable if self._meets(m)}
         if not feasible:
             raise FitError(f"no measured candidate meets the budget ({self._budget_text()}) on the device; "
                            "raise --max-measurements or the budget")
-        # ties (drops within the noise count zero) go to the fastest: the most margin for the verification
+        # equal estimates (drops within the noise count zero) go to the fastest: the most margin to verify
         est = {k: self.sens.estimate(Candidate.from_dict(m["candidate"])) for k, m in feasible.items()}
         near = max(est.values()) - max(self.sens.noise(), 0.005)
         ranked = sorted(feasible.values(), key=lambda m: (
