@@ -67,9 +67,8 @@ def measure_uniform(ckpt: Path, data: Path, space, backend: str, ratio: float, i
                     devices: Path, store: Path, threads: int, tag: dict[str, Any], sessions: int) -> dict[str, Any]:
     """Build and measure one uniform candidate (every knob pruned by ``ratio``), as the fit measures: the
     median of ``sessions`` sessions, each in a fresh process."""
-    from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, measure_fresh
+    from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, measure_fresh, measure_settings
     from edge_compress.profile.devices import get_device
-    from edge_compress.profile.profiler import ProfileSettings
 
     ratios = {conv: ratio for k in space.knobs for conv in k.convs} if ratio > 0 else {}
     keep = () if int8 else space.precision_layers
@@ -79,10 +78,9 @@ def measure_uniform(ckpt: Path, data: Path, space, backend: str, ratio: float, i
                                  backend, str(data), str(out), threads, 8))
     if "error" in b:
         raise RuntimeError(f"{key}: {b['error']}")
-    settings = ProfileSettings(warmup=5, warmup_seconds=1.0, min_repeats=20, max_seconds=8.0, threads=threads,
-                               per_layer=False, energy="none")
+    settings = measure_settings(8.0, threads)
     m = measure_fresh(MeasureJob(key, b["artifact"], get_device("local", devices).to_dict(),
-                                 settings.to_dict(), str(store), False, tag, sessions))
+                                 settings, str(store), False, tag, sessions))
     if "error" in m:
         raise RuntimeError(f"{key}: {m['error']}")
     return {**m, "ratio": ratio, "ratios": ratios}
@@ -112,14 +110,12 @@ def uniform_result(ckpt: Path, data: Path, space, backend: str, row: dict[str, A
 
 
 def measure_uniform_artifact(path: Path, devices: Path, store: Path, threads: int, sessions: int) -> float:
-    from edge_compress.fit.measure import MeasureJob, measure_fresh
+    from edge_compress.fit.measure import MeasureJob, measure_fresh, measure_settings
     from edge_compress.profile.devices import get_device
-    from edge_compress.profile.profiler import ProfileSettings
 
-    settings = ProfileSettings(warmup=5, warmup_seconds=1.0, min_repeats=20, max_seconds=8.0, threads=threads,
-                               per_layer=False, energy="none")
+    settings = measure_settings(8.0, threads)
     m = measure_fresh(MeasureJob("uniform-final", str(path), get_device("local", devices).to_dict(),
-                                 settings.to_dict(), str(store), True, {"run": "bench-uniform"}, sessions))
+                                 settings, str(store), True, {"run": "bench-uniform"}, sessions))
     return m["p50"]
 
 

@@ -91,13 +91,10 @@ def _clean_p50(artifact: Path, store: Path) -> float:
     """The artifact's p50 as ``fit`` measures it (the median of 3 sessions, each in a fresh process): the
     export's own latency check runs in this process, which trained and exported first and times int8
     picodet_s 15-20% slow, so a budget set from it would not be the one the fit sees."""
-    from edge_compress.fit.measure import MeasureJob, measure_fresh
+    from edge_compress.fit.measure import MeasureJob, measure_fresh, measure_settings
     from edge_compress.profile.devices import get_device
-    from edge_compress.profile.profiler import ProfileSettings
 
-    settings = ProfileSettings(warmup=5, warmup_seconds=1.0, max_seconds=3.0, threads=1, per_layer=False,
-                               energy="none")
-    m = measure_fresh(MeasureJob("demo-int8", str(artifact), get_device("local").to_dict(), settings.to_dict(),
+    m = measure_fresh(MeasureJob("demo-int8", str(artifact), get_device("local").to_dict(), measure_settings(3.0, 1),
                                  str(store), keep_model=True, extra={"run": "demo"}, sessions=3))
     if "error" in m:
         raise RuntimeError(f"demo: the int8 artifact {artifact} could not be timed: {m['error']}")

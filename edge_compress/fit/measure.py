@@ -100,6 +100,15 @@ def build_candidate(job: BuildJob) -> dict[str, Any]:
                 "traceback": traceback.format_exc(limit=4), "build_s": time.perf_counter() - t0}
 
 
+def measure_settings(max_seconds: float, threads: int, per_layer: bool = False, energy: str = "none") -> dict[str, Any]:
+    """``ProfileSettings`` of a fit measurement (``MeasureJob.settings``): up to ``max_seconds`` of timing
+    after a second of warm-up (a CPU that sat idle while the candidates were built runs slow at first)."""
+    from edge_compress.profile.profiler import ProfileSettings
+
+    return ProfileSettings(warmup=5, warmup_seconds=1.0, min_repeats=20, max_seconds=max_seconds, threads=threads,
+                           per_layer=per_layer, energy=energy).to_dict()
+
+
 def measure_candidate(job: MeasureJob) -> dict[str, Any]:
     """All of ``job``'s sessions in this process, then filed: what the fit keeps (see ``file_measurement``)."""
     return file_measurement(job, [profile_session(job) for _ in range(job.sessions)])

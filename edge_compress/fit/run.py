@@ -40,7 +40,8 @@ from edge_compress.fit.executor import make_executor
 from edge_compress.fit.finetune import FinetuneJob, finetune_candidate
 from edge_compress.fit.latency import LatencyModel, environment_key, features, fit_latency, holdout_report, \
     measurement_repeatability, sampling_scores
-from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, file_measurement, profile_session
+from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, file_measurement, measure_settings, \
+    profile_session
 from edge_compress.fit.search import Memo, evolve, greedy, pareto
 from edge_compress.fit.space import Candidate, SearchSpace
 from edge_compress.fit.state import FitState
@@ -410,14 +411,9 @@ class FitRun:
                         str(self.data), str(folder), self.threads, 8, self.state.run_id)
 
     def _measure_job(self, c: Candidate, artifact: str, keep: bool = False, per_layer: bool = False) -> MeasureJob:
-        from edge_compress.profile.profiler import ProfileSettings
-
         energy = self.device.energy_sensor if self.config.budget_mj is not None else "none"
-        # warm up for a second: a CPU that sat idle while the candidates were built runs slow at first
-        settings = ProfileSettings(warmup=5, warmup_seconds=1.0, min_repeats=20,
-                                   max_seconds=self.config.profile_seconds, threads=self.threads,
-                                   per_layer=per_layer, energy=energy)
-        return MeasureJob(c.key(), artifact, self.device.to_dict(), settings.to_dict(), str(self.store), keep,
+        settings = measure_settings(self.config.profile_seconds, self.threads, per_layer, energy)
+        return MeasureJob(c.key(), artifact, self.device.to_dict(), settings, str(self.store), keep,
                           {"run": self.state.run_id, "space": self.space.fingerprint(), "candidate_dict": c.to_dict()},
                           self.config.measure_sessions)
 
