@@ -44,15 +44,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from backends import FULL_MODELS, cpu_name, full_checkpoints, quick_checkpoints  # noqa: E402
+from backends import cpu_name, full_checkpoints, quick_checkpoints  # noqa: E402
 
 UNIFORM_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 FULL = dict(sensitivity_images=64, initial_samples=8, max_measurements=20, search_rounds=3, batch=5,
             check_candidates=1, check_epochs=1, finetune_epochs=2, verify_rounds=3, profile_seconds=8.0,
             measure_sessions=3)
-QUICK = dict(sensitivity_images=16, initial_samples=4, max_measurements=12, search_rounds=1, batch=4,
-             check_candidates=0, check_epochs=0, finetune_epochs=1, calib_images=16, verify_rounds=3,
-             profile_seconds=1.0, measure_sessions=1)
+# --quick is a smoke run under 2 minutes: every conv int8 with only the pruning searched (as the demo's fit),
+# two ratios, a handful of measurements of one short session each.
+QUICK = dict(precision="int8", ratios=(0.0, 0.5), sensitivity_images=12, initial_samples=3, max_measurements=8,
+             search_rounds=1, batch=3, check_candidates=0, check_epochs=0, finetune_epochs=1, calib_images=16,
+             verify_rounds=3, profile_seconds=1.0, measure_sessions=1)
 GOALS = {"violations": 0, "ap_gain_points": 2.0, "predictor_within_10pct": 0.95}
 
 
@@ -225,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sensitivity", type=Path, help="a sensitivity.json of an earlier run of this family (reused)")
     ap.add_argument("--below", type=float, nargs="*", help="budgets g * int8 (default 0.8 0.6; quick: none)")
     ap.add_argument("--max-measurements", dest="max_measurements", type=int,
-                    help="device measurements per fit (default 20; quick: 12)")
+                    help="device measurements per fit (default 20; quick: 8)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--zoo", type=Path, default=ROOT / "runs" / "bench_zoo")
     ap.add_argument("--out", type=Path, help="default runs/bench_fit/<UTC time>")
