@@ -12,9 +12,9 @@ For every family and backend, on the ``local`` device at ``--threads`` (default 
 2. ``fit`` runs once per budget (the sensitivity of the family's first run, for
    every backend, and every measurement in the shared profile store are reused by
    the next ones); every latency, the baselines' too, is the median of 3
-   sessions, each in a fresh process;
+   sessions, each in a fresh process, interleaved across a batch;
 3. the uniform baseline of each budget: one global pruning ratio (every knob,
-   grid of ``UNIFORM_GRID``) + int8 everywhere, the least pruned whose measured
+   grid of ``UNIFORM_GRID``, quick: ``QUICK_GRID``) + int8 everywhere, the least pruned whose measured
    latency is at or below the fit result's measured latency; fine-tuned with
    distillation for the same epochs as the fit's result (none when it prunes
    nothing, as in ``fit``), exported, mAP through the runtime.
@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from backends import cpu_name, full_checkpoints, quick_checkpoints  # noqa: E402
 
 UNIFORM_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+QUICK_GRID = (0.0, 0.25, 0.5, 0.75)
 FULL = dict(sensitivity_images=64, initial_samples=8, max_measurements=20, search_rounds=3, batch=5,
             check_candidates=1, check_epochs=1, finetune_epochs=2, verify_rounds=3, profile_seconds=8.0,
             measure_sessions=3)
@@ -65,31 +66,38 @@ def devices_file(tmp: Path, threads: int) -> Path:
     return p
 
 
-def measure_uniform(ckpt: Path, data: Path, space, backend: str, ratio: float, int8: bool, work: Path,
-                    devices: Path, store: Path, threads: int, tag: dict[str, Any], sessions: int) -> dict[str, Any]:
-    """Build and measure one uniform candidate (every knob pruned by ``ratio``), as the fit measures: the
-    median of ``sessions`` sessions, each in a fresh process."""
+def measure_uniforms(ckpt: Path, data: Path, space, backend: str, points: list[tuple[float, bool]], work: Path,
+                     devices: Path, store: Path, threads: int, tags: list[dict[str, Any]],
+                     settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Build and measure uniform candidates (every knob pruned by ``ratio``; int8 everywhere or fp32), one
+    per ``(ratio, int8)`` of ``points``, as the fit measures: the median of ``measure_sessions`` sessions,
+    each in a fresh process, the sessions interleaved across the points."""
     from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, measure_fresh, measure_settings
     from edge_compress.profile.devices import get_device
 
-    ratios = {conv: ratio for k in space.knobs for conv in k.convs} if ratio > 0 else {}
-    keep = () if int8 else space.precision_layers
-    key = f"uniform{ratio:g}{'-int8' if int8 else '-fp32'}"
-    out = work / f"{key}-{time.time_ns()}"
-    b = build_candidate(BuildJob(str(ckpt), key, ratios, space.round_to, space.min_channels, tuple(keep), int8,
-                                 backend, str(data), str(out), threads, 8))
-    if "error" in b:
-        raise RuntimeError(f"{key}: {b['error']}")
-    settings = measure_settings(8.0, threads)
-    m = measure_fresh(MeasureJob(key, b["artifact"], get_device("local", devices).to_dict(),
-                                 settings, str(store), False, tag, sessions))
-    if "error" in m:
-        raise RuntimeError(f"{key}: {m['error']}")
-    return {**m, "ratio": ratio, "ratios": ratios}
+    jobs, ratios_of = [], []
+    for (ratio, int8), tag in zip(points, tags):
+        ratios = {conv: ratio for k in space.knobs for conv in k.convs} if ratio > 0 else {}
+        keep = () if int8 else space.precision_layers
+        key = f"uniform{ratio:g}{'-int8' if int8 else '-fp32'}"
+        b = build_candidate(BuildJob(str(ckpt), key, ratios, space.round_to, space.min_channels, tuple(keep), int8,
+                                     backend, str(data), str(work / f"{key}-{time.time_ns()}"), threads, 8))
+        if "error" in b:
+            raise RuntimeError(f"{key}: {b['error']}")
+        jobs.append(MeasureJob(key, b["artifact"], get_device("local", devices).to_dict(),
+                               measure_settings(settings["profile_seconds"], threads), str(store), False, tag,
+                               settings["measure_sessions"]))
+        ratios_of.append((ratio, ratios))
+    out = []
+    for job, m, (ratio, ratios) in zip(jobs, measure_fresh(jobs), ratios_of):
+        if "error" in m:
+            raise RuntimeError(f"{job.key}: {m['error']}")
+        out.append({**m, "ratio": ratio, "ratios": ratios})
+    return out
 
 
 def uniform_result(ckpt: Path, data: Path, space, backend: str, row: dict[str, Any], epochs: int, work: Path,
-                   devices: Path, store: Path, threads: int, sessions: int) -> dict[str, Any]:
+                   devices: Path, store: Path, threads: int, sessions: int, seconds: float) -> dict[str, Any]:
     """Fine-tune (distilled) + export int8 + runtime mAP + latency of the chosen uniform candidate."""
     from edge_compress.export import export_model
     from edge_compress.fit.finetune import FinetuneJob, finetune_candidate
@@ -106,16 +114,17 @@ def uniform_result(ckpt: Path, data: Path, space, backend: str, row: dict[str, A
         warnings.simplefilter("ignore")
         art = export_model(load_detector(model_ckpt), backend, work / f"art{row['ratio']:g}-{time.time_ns()}",
                            quant=QuantConfig(), data=data, threads=threads, latency_check=False)
-    final = measure_uniform_artifact(art.path, devices, store, threads, sessions)
+    final = measure_uniform_artifact(art.path, devices, store, threads, sessions, seconds)
     return {"ratio": row["ratio"], "candidate_ms": row["p50"], "measured_ms": final, "ap": art.manifest["metrics"]
             ["map"]["ap"], "finetuned_fp32_ap": ft_ap, "epochs": epochs if row["ratios"] else 0}
 
 
-def measure_uniform_artifact(path: Path, devices: Path, store: Path, threads: int, sessions: int) -> float:
+def measure_uniform_artifact(path: Path, devices: Path, store: Path, threads: int, sessions: int,
+                             seconds: float) -> float:
     from edge_compress.fit.measure import MeasureJob, measure_fresh, measure_settings
     from edge_compress.profile.devices import get_device
 
-    settings = measure_settings(8.0, threads)
+    settings = measure_settings(seconds, threads)
     m = measure_fresh(MeasureJob("uniform-final", str(path), get_device("local", devices).to_dict(),
                                  settings, str(store), True, {"run": "bench-uniform"}, sessions))
     return m["p50"]
@@ -130,16 +139,17 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
     space = SearchSpace(load_detector(ckpt), FitConfig(budget_ms=1.0).ratios)
     tag = {"run": "bench", "space": space.fingerprint()}
     sessions = settings["measure_sessions"]
-    base = {q: measure_uniform(ckpt, data, space, backend, 0.0, q, work, devices, store, args.threads,
-                               {**tag, "candidate_dict": (space.uniform(0.0, q)).to_dict()}, sessions)["p50"]
-            for q in (False, True)}
+    base = dict(zip((False, True), (m["p50"] for m in measure_uniforms(
+        ckpt, data, space, backend, [(0.0, False), (0.0, True)], work, devices, store, args.threads,
+        [{**tag, "candidate_dict": space.uniform(0.0, q).to_dict()} for q in (False, True)], settings))))
     lo, hi = sorted((base[True], base[False]))
     budgets = [("between", lo + f * (hi - lo)) for f in args.fractions] + [("below", g * base[True])
                                                                            for g in args.below]
     print(f"\n{fam} / {backend}: fp32 {base[False]:.3f} ms, int8 {base[True]:.3f} ms; budgets "
           + ", ".join(f"{b:.3f}" for _, b in budgets), flush=True)
-    grid = [measure_uniform(ckpt, data, space, backend, r, True, work, devices, store, args.threads,
-                            {"run": "bench-uniform"}, sessions) for r in UNIFORM_GRID]
+    ratios = QUICK_GRID if args.quick else UNIFORM_GRID
+    grid = measure_uniforms(ckpt, data, space, backend, [(r, True) for r in ratios], work, devices, store,
+                            args.threads, [{"run": "bench-uniform"}] * len(ratios), settings)
     rows, sens = [], sensitivity
     for i, (kind, budget) in enumerate(budgets):
         out = args.out / fam / backend / f"budget{i}-{budget:.3f}ms"
@@ -159,7 +169,7 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
         fit_s = time.perf_counter() - t0
         uni_row = next((g for g in grid if g["p50"] <= r["latency_ms"]), grid[-1])
         uni = uniform_result(ckpt, data, space, backend, uni_row, settings["finetune_epochs"], work, devices,
-                             store, args.threads, sessions)
+                             store, args.threads, sessions, settings["profile_seconds"])
         lm = res.result["latency_model"]
         rows.append({"family": fam, "backend": backend, "kind": kind, "budget_ms": budget, "fit_ms": r["latency_ms"],
                      "fit_ap": r["ap"], "violation": r["latency_ms"] > budget, "uniform": uni,

@@ -40,7 +40,7 @@ from edge_compress.fit.executor import make_executor
 from edge_compress.fit.finetune import FinetuneJob, finetune_candidate
 from edge_compress.fit.latency import LatencyModel, environment_key, features, fit_latency, holdout_report, \
     measurement_repeatability, sampling_scores
-from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, file_measurement, measure_settings, \
+from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, interleaved, measure_settings, \
     profile_session
 from edge_compress.fit.search import Memo, evolve, greedy, pareto
 from edge_compress.fit.space import Candidate, SearchSpace
@@ -374,15 +374,18 @@ class FitRun:
             return []
         self.log(f"{label}: building {len(todo)} candidate(s) for {self.backend}")
         built = self.executor.map(build_candidate, [self._build_job(c) for c in todo])
-        results = []
+        results, ok = [], []
         for c, b in zip(todo, built):
             if "error" in b:
                 self.state.data["builds_failed"][c.key()] = b["error"]
                 self.state.save()
                 self.log(f"  {c.key()}: build failed: {b['error']}")
                 results.append(b)
-                continue
-            m = self._on_device(self._measure_job(c, b["artifact"]))
+            else:
+                ok.append(c)
+        measured = self._on_device([self._measure_job(c, b["artifact"]) for c, b in zip(todo, built)
+                                    if "error" not in b]) if ok else []
+        for c, m in zip(ok, measured):
             m.update(candidate=c.to_dict(), heldout=self._heldout(c.key()),
                      est_ap=self.sens.estimate(c) if self.sens.complete else None)
             self.state.add_measurement(m)
@@ -390,11 +393,12 @@ class FitRun:
             self.log(self._measure_line(c, m))
         return results
 
-    def _on_device(self, job: MeasureJob) -> dict[str, Any]:
-        """``job``'s sessions one by one on the device (each in a fresh process on ``local``), then filed."""
-        sessions = self.executor.measure_all(profile_session, [job] * job.sessions,
-                                             self.device.connection == "local")
-        return file_measurement(job, sessions)
+    def _on_device(self, jobs: list[MeasureJob]) -> list[dict[str, Any]]:
+        """``jobs``' sessions one by one on the device (each in a fresh process on ``local``), interleaved
+        across the jobs (``measure.interleaved``), then filed. A batch interrupted before its last
+        session round files none of its candidates: their sessions are measured again on resume."""
+        local = self.device.connection == "local"
+        return interleaved(jobs, lambda order: self.executor.measure_all(profile_session, order, local))
 
     def _measure_line(self, c: Candidate, m: dict[str, Any]) -> str:
         n = self._own()
@@ -560,7 +564,7 @@ class FitRun:
         art = export_model(model, self.backend, folder / "artifact", quant=quant, data=self.data,
                            threads=self.threads, recipe={"steps": [], "fit": {"run": self.state.run_id,
                                                                                 "candidate": c.key()}})
-        m = self._on_device(self._measure_job(c, str(art.path), keep=True, per_layer=True))
+        m = self._on_device([self._measure_job(c, str(art.path), keep=True, per_layer=True)])[0]
         if "error" in m:
             raise FitError(f"the result could not be measured on '{self.device.name}': {m['error']}")
         passed = self._meets(m, scaled=False)
