@@ -88,7 +88,12 @@ class OrtRunner:
         if not Path(path).is_file():
             raise ArtifactError(f"model file '{path}' does not exist")
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            # WeightBiasQuantization (ONNX Runtime >= 1.20) quantizes, per tensor, the float weights of a conv
+            # that sits between a DequantizeLinear and a QuantizeLinear, so a layer the export kept in fp32
+            # (keep_fp32) inside an int8 graph ran as an int8 QLinearConv; off, it runs in fp32 as exported.
+            # (An older runtime ignores the name.)
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=["WeightBiasQuantization"])
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
             raise ArtifactError(f"onnxruntime cannot load '{path}' ({type(e).__name__}: {str(e)[:200]}); "
                                 "the file is corrupt or truncated: export it again") from e

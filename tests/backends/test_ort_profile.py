@@ -44,3 +44,27 @@ def test_real_profile_of_an_exported_detector(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "model.onnx"]  # the trace file is not left behind
     with pytest.raises(ConfigError, match="repeats"):
         ort_backend.profile_layers(tmp_path, x, repeats=0)
+
+
+def test_a_conv_kept_in_fp32_runs_in_fp32_inside_an_int8_graph(tmp_path):
+    """ONNX Runtime's WeightBiasQuantization would quantize the float weights of a conv between a
+    DequantizeLinear and a QuantizeLinear and run it as QLinearConv; the runner turns it off, so a
+    ``keep_fp32`` layer runs in float and every other conv in int8."""
+    import onnx
+
+    from edge_compress.quant import QuantConfig, calibrate
+    from edge_compress.quant.qdq import quantize_onnx
+
+    torch.manual_seed(0)
+    model = create_detector("yolo_tiny", num_classes=3, input_size=64, width_mult=0.25).eval()
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx")
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    table = calibrate(fp32, [x], QuantConfig(calibrator="minmax"))
+    convs = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"]
+    kept = convs[3]                                          # mid-backbone: DequantizeLinear in, QuantizeLinear out
+    art = tmp_path / "art"
+    art.mkdir()
+    r = quantize_onnx(fp32, table, art / "model.onnx", keep_fp32=[kept])
+    ops = [t.op_type for t in get_backend("onnxruntime").profile_layers(art, x, repeats=2, warmup=1)]
+    assert ops.count("QLinearConv") == len(r.quantized) and len(r.quantized) < len(convs) - 1
+    assert ops.count("Conv") + ops.count("FusedConv") == len(convs) - len(r.quantized)
