@@ -18,7 +18,15 @@ standalone QuantizeLinear on its way in and a DequantizeLinear on its way out
 (and the layout reorders around them); on OpenVINO a candidate with scattered
 int8 layers measured slower than the same model all in fp32.
 
-with ``kind`` in conv / pointwise / depthwise. The coefficients are non-negative
+with ``kind`` in conv / pointwise / depthwise. Layers of one kind are not alike,
+though: a stem conv on 3 input channels, a 3x3 at 160x160 and a 1x1 at 10x10 run
+at very different ms per MAC, and how much int8 saves differs per layer (on ONNX
+Runtime a kind-only model left fp32 pruned candidates 25-30% off). So where the
+device gives per-layer profiles of the unpruned model in fp32 and in int8
+(``profiled_conv_ms``: its runtime's profiler, kernel times by the conv's ONNX
+node name), the MAC terms become ``a[precision] * profiled ms per MAC of this
+layer * MACs`` (``LayerCosts``): each conv's own measured cost, scaled by the
+channels kept and calibrated against the end-to-end measurements by ``a``. The coefficients are non-negative
 (NNLS) and fitted to *relative* error (each measured row divided by its latency),
 since the budget is relative. The fixed cost absorbs what does not scale with the
 convs (input copy, resize/concat, the head's decode, the call into the runtime).
@@ -52,22 +60,80 @@ PRECISION_TERMS = ("fp32", "int8")
 MACS_SCALE, ELEMS_SCALE = 1e6, 1e5
 
 
-def feature_names() -> list[str]:
+@dataclass(frozen=True)
+class LayerCosts:
+    """Each conv's kernel time per MAC at each precision, read from the runtime's per-layer profiles
+    of the unpruned model in fp32 and in int8 everywhere: what the runtime runs for that layer, fused
+    and laid out as it does it (a stem conv on 3 channels and a 1x1 on 256 cost very different ms per
+    MAC). A conv the profiles miss at one precision takes its time at the other times the median
+    int8/fp32 ratio of the convs profiled at both; one missing at both, the median ms per MAC."""
+
+    ms_per_mac: dict[str, dict[str, float]]           # precision -> conv -> ms per MAC of the full layer
+    profiled: dict[str, int]                          # precision -> convs found in its profile
+
+    @classmethod
+    def from_profiles(cls, conv_ms: dict[str, dict[str, float]], full_macs: dict[str, int]) -> "LayerCosts":
+        per = {p: {c: ms / full_macs[c] for c, ms in conv_ms.get(p, {}).items() if full_macs.get(c)}
+               for p in PRECISION_TERMS}
+        both = [c for c in per["fp32"] if c in per["int8"]]
+        ratio = float(np.median([per["int8"][c] / per["fp32"][c] for c in both])) if both else 1.0
+        table: dict[str, dict[str, float]] = {}
+        for p, other, r in (("fp32", "int8", 1.0 / ratio), ("int8", "fp32", ratio)):
+            fallback = float(np.median(list(per[p].values()) or list(per[other].values()) or [0.0]))
+            table[p] = {c: per[p].get(c, per[other][c] * r if c in per[other] else fallback) for c in full_macs}
+        return cls(table, {p: len(per[p]) for p in PRECISION_TERMS})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ms_per_mac": self.ms_per_mac, "profiled": self.profiled}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerCosts":
+        return cls(d["ms_per_mac"], d["profiled"])
+
+
+def profiled_conv_ms(per_layer: dict[str, Any], conv_names: dict[str, Sequence[str]]) -> dict[str, float]:
+    """The ms of each conv's kernel in a runtime's per-layer profile (a profile record's ``per_layer``),
+    by the ONNX names of the conv and what fuses into it (``SearchSpace.conv_nodes``): a runtime names
+    the fused kernel after one of them or extends it (ONNX Runtime's ``.../Conv_token_29`` in int8 and
+    ``.../act/LeakyRelu_output_0_nchwc`` for a Conv+LeakyRelu in fp32, OpenVINO's
+    ``.../Conv/WithoutBiases``). Only conv kernels count (not the QuantizeLinear or reorder named after a
+    conv), and a row goes to the conv with the longest matching name (``/a/Conv_1`` is not ``/a/Conv``'s)."""
+    by_length = sorted(((name, conv) for conv, names in conv_names.items() for name in names),
+                       key=lambda nc: -len(nc[0]))
+    ms: dict[str, float] = {}
+    for row in per_layer.get("layers") or []:
+        name, op = str(row.get("name", "")), str(row.get("op_type", ""))
+        if "Conv" not in op or "Transpose" in op or row.get("median_us") is None:
+            continue
+        conv = next((c for n, c in by_length if name == n or name.startswith((n + "/", n + "_"))), None)
+        if conv is not None:
+            ms[conv] = ms.get(conv, 0.0) + float(row["median_us"]) / 1000.0
+    return ms
+
+
+def feature_names(costs: LayerCosts | None = None) -> list[str]:
     names = ["fixed"]
-    names += [f"macs[{k},{p}]" for k in KINDS for p in PRECISION_TERMS]
+    names += [f"profiled_ms[{p}]" for p in PRECISION_TERMS] if costs is not None else \
+        [f"macs[{k},{p}]" for k in KINDS for p in PRECISION_TERMS]
     names += [f"out_elems[{p}]" for p in PRECISION_TERMS]
     return names + ["int8_in_elems", "quantize_boundary_elems", "dequantize_boundary_elems"]
 
 
-def features(layers: Sequence[LayerRow]) -> np.ndarray:
-    """The feature row of one candidate: sums of per-layer terms (see the module docstring)."""
-    x = np.zeros(len(feature_names()))
+def features(layers: Sequence[LayerRow], costs: LayerCosts | None = None) -> np.ndarray:
+    """The feature row of one candidate: sums of per-layer terms (see the module docstring). With
+    ``costs``, a conv's MACs are weighted by its profiled ms per MAC (one term per precision) instead
+    of summed per kind."""
+    x = np.zeros(len(feature_names(costs)))
     x[0] = 1.0
-    nk, np_ = len(KINDS), len(PRECISION_TERMS)
+    np_ = len(PRECISION_TERMS)
+    n_mac = np_ if costs is not None else len(KINDS) * np_
     for row in layers:
         p = PRECISION_TERMS.index(row.precision)
-        x[1 + KINDS.index(row.kind) * np_ + p] += row.macs / MACS_SCALE
-        x[1 + nk * np_ + p] += row.out_elems / ELEMS_SCALE
+        if costs is not None:
+            x[1 + p] += costs.ms_per_mac[row.precision].get(row.name, 0.0) * row.macs
+        else:
+            x[1 + KINDS.index(row.kind) * np_ + p] += row.macs / MACS_SCALE
+        x[1 + n_mac + p] += row.out_elems / ELEMS_SCALE
         if row.precision == "int8":
             x[-3] += row.in_elems / ELEMS_SCALE
         x[-2] += row.boundary_in_elems / ELEMS_SCALE
@@ -88,6 +154,7 @@ class LatencyModel:
     environment: dict[str, Any]
     n_fit: int
     ridge: float = 1e-4
+    costs: LayerCosts | None = None      # the rows were ``features(layers, costs)``
     _gram_inv: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -99,7 +166,7 @@ class LatencyModel:
 
     def layer_costs(self, layers: Sequence[LayerRow]) -> dict[str, float]:
         """Predicted ms of each conv (the fixed cost is not in any layer)."""
-        return {row.name: float(features([row])[1:] @ self.coef[1:]) for row in layers}
+        return {row.name: float(features([row], self.costs)[1:] @ self.coef[1:]) for row in layers}
 
     def leverage(self, x: np.ndarray) -> np.ndarray:
         """``r^T (R^T R)^-1 r`` with ``r = x / predicted`` (the relative-error design the model was fitted
@@ -111,13 +178,16 @@ class LatencyModel:
         return np.einsum("ij,jk,ik->i", r, self._gram_inv, r)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"features": feature_names(), "coef": self.coef.tolist(), "environment": self.environment,
+        return {"features": feature_names(self.costs), "coef": self.coef.tolist(), "environment": self.environment,
                 "environment_key": self.key, "n_fit": self.n_fit,
-                "form": "fixed + sum over convs of a[kind,prec]*MACs + b[prec]*out elems (+ q*in elems, int8) "
-                        "+ qb*quantize-boundary elems + db*dequantize-boundary elems"}
+                "form": ("fixed + sum over convs of a[prec]*profiled ms per MAC*MACs" if self.costs is not None else
+                         "fixed + sum over convs of a[kind,prec]*MACs")
+                + " + b[prec]*out elems (+ q*in elems, int8) + qb*quantize-boundary elems + db*dequantize-boundary "
+                  "elems", **({"layer_costs": self.costs.to_dict()} if self.costs is not None else {})}
 
 
-def fit_latency(x: np.ndarray, y: np.ndarray, environment: dict[str, Any], ridge: float = 1e-4) -> LatencyModel:
+def fit_latency(x: np.ndarray, y: np.ndarray, environment: dict[str, Any], ridge: float = 1e-4,
+                costs: LayerCosts | None = None) -> LatencyModel:
     """NNLS on relative error: minimise ``sum ((x_i . w - y_i) / y_i)^2 + ridge |w|^2``, ``w >= 0``."""
     from scipy.optimize import nnls
 
@@ -133,7 +203,7 @@ def fit_latency(x: np.ndarray, y: np.ndarray, environment: dict[str, Any], ridge
     w, _ = nnls(a, b, maxiter=50 * x.shape[1])
     coef = w / scale
     gram = xs.T @ xs + ridge * np.diag(scale ** 2)
-    model = LatencyModel(coef, environment, len(y), ridge)
+    model = LatencyModel(coef, environment, len(y), ridge, costs)
     model._gram_inv = np.linalg.pinv(gram)
     return model
 
@@ -144,7 +214,7 @@ def relative_errors(model: LatencyModel, x: np.ndarray, y: np.ndarray) -> np.nda
 
 
 def holdout_report(x: np.ndarray, y: np.ndarray, heldout: np.ndarray, environment: dict[str, Any],
-                   keys: Sequence[str] = ()) -> dict[str, Any]:
+                   keys: Sequence[str] = (), costs: LayerCosts | None = None) -> dict[str, Any]:
     """Fit on ``~heldout``, report the error on ``heldout`` (the held-out candidates were never fitted)."""
     heldout = np.asarray(heldout, bool)
     train, test = ~heldout, heldout
@@ -153,7 +223,7 @@ def holdout_report(x: np.ndarray, y: np.ndarray, heldout: np.ndarray, environmen
     if train.sum() < 3 or test.sum() == 0:
         out["note"] = "too few measurements to hold some out"
         return out
-    model = fit_latency(x[train], y[train], environment)
+    model = fit_latency(x[train], y[train], environment, costs=costs)
     err = relative_errors(model, x[test], y[test])
     a = np.abs(err)
     keys = list(keys) or [str(i) for i in range(len(y))]

@@ -25,6 +25,7 @@ after every step), so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from dataclasses import dataclass
@@ -38,8 +39,8 @@ from edge_compress.fit.accuracy import Sensitivity
 from edge_compress.fit.config import FitConfig
 from edge_compress.fit.executor import make_executor
 from edge_compress.fit.finetune import FinetuneJob, finetune_candidate
-from edge_compress.fit.latency import LatencyModel, environment_key, features, fit_latency, holdout_report, \
-    measurement_repeatability, sampling_scores
+from edge_compress.fit.latency import LatencyModel, LayerCosts, environment_key, features, fit_latency, \
+    holdout_report, measurement_repeatability, profiled_conv_ms, sampling_scores
 from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, interleaved, measure_settings, \
     profile_session
 from edge_compress.fit.search import Memo, evolve, greedy, pareto
@@ -104,6 +105,7 @@ class FitRun:
         self.sens = Sensitivity.load_or_new(own, self.space)
         self.rng = random.Random(config.seed)
         self.env: dict[str, Any] | None = None
+        self.costs: LayerCosts | None = None
         self.executor = make_executor("inline")
 
     # ---- 1. preflight
@@ -192,17 +194,44 @@ class FitRun:
 
     def _baselines(self) -> None:
         base = self.space.baseline()
-        probe = self._measure([base], "probe", force=True)   # this session's environment, every start
+        # this session's environment, every start, with the runtime's per-layer profile
+        probe = self._measure([base], "probe", force=True, per_layer=True)
         if not probe or "error" in probe[0]:
             raise FitError(f"the uncompressed model could not be measured on '{self.device.name}': "
                            f"{probe[0].get('error') if probe else 'nothing returned'}")
         self._set_environment(probe[0]["environment"])
-        extra = [self.space.uniform(0.0, True)] if self.space.precision_layers else []
-        self._measure(extra + [self.space.smallest()], "baselines")
+        int8 = self.space.uniform(0.0, True)
+        if self.space.precision_layers:
+            self._measure([int8], "baselines", per_layer=True)
+        self._measure([self.space.smallest()], "baselines")
         floor = self._latest(self.space.smallest())
         if floor is None:
             raise FitError("the smallest candidate could not be built or measured; see state.json builds_failed")
         self._check_floor(floor)
+        self._layer_costs(base, int8)
+
+    def _profiled_ms(self, c: Candidate) -> dict[str, float] | None:
+        """Each conv's kernel ms in the per-layer profile of ``c``'s latest measurement (None: none there)."""
+        m = self._latest(c)
+        if m is None or not m.get("record") or not Path(m["record"]).is_file():
+            return None
+        per_layer = json.loads(Path(m["record"]).read_text()).get("per_layer") or {}
+        found = profiled_conv_ms(per_layer, self.space.conv_nodes) if per_layer.get("layers") else {}
+        return found or None
+
+    def _layer_costs(self, base: Candidate, int8: Candidate) -> None:
+        """The latency model weighs each conv's MACs by its profiled ms per MAC (``LayerCosts``) where the
+        runtime's per-layer profiles of the unpruned model are there; else by kind (dense, 1x1, depthwise)."""
+        profiles = {("int8" if self.space.any_int8(c) else "fp32"): ms for c in (base, int8)
+                    if (ms := self._profiled_ms(c))}
+        if not profiles:
+            self.costs = None
+            self.log("latency model: no per-layer profile from the device; conv costs by kind (dense, 1x1, "
+                     "depthwise) instead of by layer")
+            return
+        self.costs = LayerCosts.from_profiles(profiles, {n: self.space.full_macs(n) for n in self.space.convs})
+        self.log("latency model: per-layer costs from the runtime's profile of "
+                 + " and ".join(f"{p} ({len(ms)} of {len(self.space.convs)} convs)" for p, ms in profiles.items()))
 
     def _set_environment(self, env: dict[str, Any]) -> None:
         """Measurements of another environment (runtime version, device settings, threads) go stale."""
@@ -309,7 +338,7 @@ class FitRun:
     # ---- the latency (and energy, size) models
 
     def _x(self, c: Candidate) -> np.ndarray:
-        return features(self.space.layers(c))
+        return features(self.space.layers(c), self.costs)
 
     def _feats(self, name: str, x: np.ndarray, c: Candidate) -> np.ndarray:
         return self._size_x(c) if name == "size_bytes" else x
@@ -346,7 +375,7 @@ class FitRun:
             if len(y) < 3:
                 raise FitError(f"only {len(y)} candidates have a measured {name}; the {name} model needs 3 "
                                "(does the device's energy sensor report energy? see `edge-compress profile`)")
-            models[name] = fit_latency(x, y, self.env or {})
+            models[name] = fit_latency(x, y, self.env or {}, costs=self.costs if name != "size_bytes" else None)
         return models
 
     def _holdout(self) -> dict[str, Any]:
@@ -355,7 +384,7 @@ class FitRun:
             return {}
         x, y = self._design("latency_ms")
         held = np.array([bool(m.get("heldout")) and self._heldout(m["key"]) for m in usable])
-        rep = holdout_report(x, y, held, self.env or {}, [m["key"] for m in usable])
+        rep = holdout_report(x, y, held, self.env or {}, [m["key"] for m in usable], self.costs)
         return {**rep, "measurement": measurement_repeatability([m.get("sessions_p50") or [] for m in usable])}
 
     # ---- measuring
@@ -367,7 +396,8 @@ class FitRun:
         anchors = {c.key() for c in (self.space.baseline(), self.space.uniform(0.0, True), self.space.smallest())}
         return key not in anchors and int(key[:8], 16) % 1000 < self.config.holdout * 1000
 
-    def _measure(self, cands: list[Candidate], label: str, force: bool = False) -> list[dict[str, Any]]:
+    def _measure(self, cands: list[Candidate], label: str, force: bool = False,
+                 per_layer: bool = False) -> list[dict[str, Any]]:
         """Build (in parallel) then measure (one at a time) ``cands``; every result goes into the state."""
         todo = [c for c in dict.fromkeys(cands) if force or c.key() not in self.state.measured_keys()]
         if not todo:
@@ -382,10 +412,10 @@ class FitRun:
                 self.log(f"  {c.key()}: build failed: {b['error']}")
                 results.append(b)
             else:
-                ok.append(c)
-        measured = self._on_device([self._measure_job(c, b["artifact"]) for c, b in zip(todo, built)
-                                    if "error" not in b]) if ok else []
-        for c, m in zip(ok, measured):
+                ok.append((c, b["artifact"]))
+        measured = self._on_device([self._measure_job(c, artifact, per_layer=per_layer) for c, artifact in ok]) \
+            if ok else []
+        for (c, _), m in zip(ok, measured):
             m.update(candidate=c.to_dict(), heldout=self._heldout(c.key()),
                      est_ap=self.sens.estimate(c) if self.sens.complete else None)
             self.state.add_measurement(m)
@@ -628,7 +658,8 @@ class FitRun:
                                   for r in self.state.data["rounds"]]},
             "layers": [row.to_dict() for row in self.space.layers(c)],
             "latency_model": {**self._holdout(), "environment": self.env or {},
-                              "coefficients": fit_latency(*self._design("latency_ms"), self.env or {}).to_dict()},
+                              "coefficients": fit_latency(*self._design("latency_ms"), self.env or {},
+                                                          costs=self.costs).to_dict()},
             "notes": self._notes(),
         }
 

@@ -139,7 +139,7 @@ class SearchSpace:
         quantizable = tuple(n for n, c in self.convs.items() if not c.head_output)
         self.precision_layers = quantizable if "int8" in precisions and not int8_everywhere else ()
         self._always_int8 = quantizable if int8_everywhere else ()
-        self.producers = conv_producers(model, set(self.convs))
+        self.producers, self.conv_nodes = conv_graph(model, set(self.convs))
         self.consumers: dict[str, set[str]] = {}
         for c, ps in self.producers.items():
             for p in ps:
@@ -160,16 +160,17 @@ class SearchSpace:
                 convs |= m[1]
                 merged.remove(m)
             merged.append((groups, convs))
-        total = sum(self._conv_macs_orig(n) for n in self.convs) or 1
+        total = sum(self.full_macs(n) for n in self.convs) or 1
         knobs = []
         for groups, convs in merged:
             order = [n for n in self.convs if n in convs] + sorted(convs - set(self.convs))
-            macs = sum(self._conv_macs_orig(n) for n in order if n in self.convs)
+            macs = sum(self.full_macs(n) for n in order if n in self.convs)
             if macs >= min_share * total:
                 knobs.append(Knob(order[0], tuple(order), tuple(sorted(groups)), macs))
         return tuple(knobs)
 
-    def _conv_macs_orig(self, name: str) -> int:
+    def full_macs(self, name: str) -> int:
+        """MACs of conv ``name`` unpruned."""
         c = self.convs[name]
         return _conv_macs(c, c.in_channels, c.out_channels)
 
@@ -280,9 +281,10 @@ class SearchSpace:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def conv_producers(model: nn.Module, convs: set[str]) -> dict[str, tuple[str, ...]]:
+def conv_graph(model: nn.Module, convs: set[str]) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
     """Per conv, the convs whose outputs reach its input through non-conv ops (``INPUT`` for the image),
-    read from the model's exported ONNX graph (concats, adds, resizes and activations pass through)."""
+    read from the model's exported ONNX graph (concats, adds, resizes and activations pass through);
+    and per conv, the ONNX names a runtime's per-layer profile may call its kernel after (``_fused_names``)."""
     import tempfile
     from pathlib import Path
 
@@ -296,11 +298,33 @@ def conv_producers(model: nn.Module, convs: set[str]) -> dict[str, tuple[str, ..
     module_of = {node: module for module, node in conv_module_map(model, graph).items()}
     producer = {out: node for node in graph.graph.node for out in node.output}
     inits = {i.name for i in graph.graph.initializer}
-    result = {}
+    consumers: dict[str, list] = {}
+    for node in graph.graph.node:
+        for t in node.input:
+            consumers.setdefault(t, []).append(node)
+    result, names = {}, {}
     for node in graph.graph.node:
         if node.op_type == "Conv" and module_of.get(node.name) in convs:
             result[module_of[node.name]] = tuple(sorted(_upstream(node.input[0], producer, inits, module_of)))
-    return result
+            names[module_of[node.name]] = _fused_names(node, consumers)
+    return result, names
+
+
+# What a runtime fuses into a conv's kernel after it (and may name the fused kernel after).
+_FUSED_AFTER = {"Relu", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Sigmoid", "Mul", "BatchNormalization"}
+
+
+def _fused_names(conv, consumers: dict[str, list]) -> tuple[str, ...]:
+    """The conv node's name and output, then those of up to two activation nodes that alone consume it:
+    ONNX Runtime names a Conv+LeakyRelu kernel after the activation's output."""
+    names, node = [conv.name, conv.output[0]], conv
+    for _ in range(2):
+        after = consumers.get(node.output[0], [])
+        if len(after) != 1 or after[0].op_type not in _FUSED_AFTER:
+            break
+        node = after[0]
+        names += [node.name, node.output[0]]
+    return tuple(n for n in names if n)
 
 
 def _upstream(tensor: str, producer: dict, inits: set[str], module_of: dict[str, str]) -> set[str]:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from edge_compress.errors import ConfigError
-from edge_compress.fit.latency import (environment_key, feature_names, features, fit_latency, holdout_report,
-                                       relative_errors, sampling_scores)
+from edge_compress.fit.latency import (LayerCosts, environment_key, feature_names, features, fit_latency,
+                                       holdout_report, profiled_conv_ms, relative_errors, sampling_scores)
 from edge_compress.fit.space import SearchSpace
 from edge_compress.models import create_detector
 
@@ -62,6 +62,59 @@ def test_fit_recovers_a_linear_device(space):
     assert (model.coef >= 0).all()
     per_layer = model.layer_costs(space.layers(cands[0]))
     assert np.isclose(sum(per_layer.values()) + model.coef[0], model.predict(x[0]))
+
+
+def test_profiled_conv_ms_reads_both_runtimes_naming():
+    """ONNX Runtime extends the conv node's name with a token (int8) or names a Conv+LeakyRelu after the
+    activation's output (fp32), OpenVINO adds /WithoutBiases; the QuantizeLinear and reorders named after
+    a conv are not its kernel, and a row goes to the conv with the longest matching name."""
+    nodes = {"a.conv": ("/a/conv/Conv", "/a/conv/Conv_output_0", "/a/act/LeakyRelu", "/a/act/LeakyRelu_output_0"),
+             "b.conv": ("/b/Conv",), "b2.conv": ("/b/Conv_1",), "c.conv": ("/c/conv/Conv",)}
+    ort = {"layers": [
+        {"name": "/a/act/LeakyRelu_output_0_nchwc", "op_type": "Conv", "median_us": 300.0},
+        {"name": "/a/conv/Conv_output_0_QuantizeLinear", "op_type": "QuantizeLinear", "median_us": 50.0},
+        {"name": "ReorderOutput_token_26", "op_type": "ReorderOutput", "median_us": 80.0},
+        {"name": "/b/Conv_token_29", "op_type": "QLinearConv", "median_us": 200.0},
+        {"name": "/b/Conv_1_token_31", "op_type": "QLinearConv", "median_us": 100.0},
+        {"name": "/b/act/LeakyRelu", "op_type": "QLinearLeakyRelu", "median_us": 20.0}]}
+    assert profiled_conv_ms(ort, nodes) == {"a.conv": 0.3, "b.conv": 0.2, "b2.conv": 0.1}
+    ov = {"layers": [
+        {"name": "images_DequantizeLinear_abcd_acdb_/a/conv/Conv/WithoutBiases", "op_type": "Reorder",
+         "median_us": 110.0},
+        {"name": "/a/conv/Conv/WithoutBiases", "op_type": "Convolution", "median_us": 260.0},
+        {"name": "/c/conv/Conv/WithoutBiases", "op_type": "GroupConvolution", "median_us": 40.0}]}
+    assert profiled_conv_ms(ov, nodes) == {"a.conv": 0.26, "c.conv": 0.04}
+
+
+def test_layer_costs_fill_what_a_profile_misses():
+    macs = {"a": 1000, "b": 2000, "c": 4000}
+    costs = LayerCosts.from_profiles({"fp32": {"a": 1.0, "b": 4.0}, "int8": {"a": 0.5, "c": 2.0}}, macs)
+    assert costs.ms_per_mac["fp32"]["a"] == 1e-3 and costs.ms_per_mac["int8"]["c"] == 0.5e-3
+    # b in int8 and c in fp32: the other precision's figure times the int8/fp32 ratio of a (0.5)
+    assert np.isclose(costs.ms_per_mac["int8"]["b"], 2e-3 * 0.5)
+    assert np.isclose(costs.ms_per_mac["fp32"]["c"], 0.5e-3 / 0.5)
+    assert costs.profiled == {"fp32": 2, "int8": 2}
+    assert LayerCosts.from_dict(costs.to_dict()) == costs
+
+
+def test_profiled_features_weigh_each_conv_by_its_own_cost(space):
+    """With layer costs, the unpruned model's profiled-ms feature is the profile's sum; pruning a layer
+    scales its term by the MACs kept."""
+    ms = {n: 0.01 * (i + 1) for i, n in enumerate(space.convs)}
+    costs = LayerCosts.from_profiles({"fp32": ms, "int8": {n: v / 3 for n, v in ms.items()}},
+                                     {n: space.full_macs(n) for n in space.convs})
+    names = feature_names(costs)
+    assert names[1:3] == ["profiled_ms[fp32]", "profiled_ms[int8]"] and len(names) == len(feature_names()) - 4
+    x = features(space.layers(space.baseline()), costs)
+    assert np.isclose(x[1], sum(ms.values())) and x[2] == 0.0
+    rows = space.layers(space.uniform(0.5, True))
+    x8 = features(rows, costs)
+    expect = sum(ms[r.name] / (3 if r.precision == "int8" else 1) * r.macs / space.full_macs(r.name) for r in rows)
+    assert np.isclose(x8[1] + x8[2], expect) and x8[2] < sum(ms.values()) / 3
+    model = fit_latency(np.array([x, x8, features(space.layers(space.smallest()), costs)]),
+                        np.array([2.0, 0.8, 0.5]), {}, costs=costs)
+    assert model.to_dict()["features"] == names and "layer_costs" in model.to_dict()
+    assert np.isclose(sum(model.layer_costs(rows).values()) + model.coef[0], model.predict(x8))
 
 
 def test_holdout_report_counts_only_unseen_candidates(space):

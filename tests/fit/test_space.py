@@ -42,7 +42,7 @@ def test_knobs_share_no_conv_and_skip_negligible_layers(model):
     space = SearchSpace(model)
     convs = [c for k in space.knobs for c in k.convs]
     assert len(convs) == len(set(convs)) and space.knobs
-    total = sum(space._conv_macs_orig(n) for n in space.convs)
+    total = sum(space.full_macs(n) for n in space.convs)
     assert all(k.macs >= 0.005 * total for k in space.knobs)
     assert not any(space.convs[n].head_output for n in space.precision_layers)
 
