@@ -68,10 +68,11 @@ def devices_file(tmp: Path, threads: int) -> Path:
 
 def measure_uniforms(ckpt: Path, data: Path, space, backend: str, points: list[tuple[float, bool]], work: Path,
                      devices: Path, store: Path, threads: int, tags: list[dict[str, Any]],
-                     settings: dict[str, Any]) -> list[dict[str, Any]]:
+                     settings: dict[str, Any], per_layer: bool = False) -> list[dict[str, Any]]:
     """Build and measure uniform candidates (every knob pruned by ``ratio``; int8 everywhere or fp32), one
     per ``(ratio, int8)`` of ``points``, as the fit measures: the median of ``measure_sessions`` sessions,
-    each in a fresh process, the sessions interleaved across the points."""
+    each in a fresh process, the sessions interleaved across the points (with the runtime's per-layer
+    profile if ``per_layer``: the fits reuse these as their baselines and take their layer costs from it)."""
     from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, measure_fresh, measure_settings
     from edge_compress.profile.devices import get_device
 
@@ -85,8 +86,8 @@ def measure_uniforms(ckpt: Path, data: Path, space, backend: str, points: list[t
         if "error" in b:
             raise RuntimeError(f"{key}: {b['error']}")
         jobs.append(MeasureJob(key, b["artifact"], get_device("local", devices).to_dict(),
-                               measure_settings(settings["profile_seconds"], threads), str(store), False, tag,
-                               settings["measure_sessions"]))
+                               measure_settings(settings["profile_seconds"], threads, per_layer), str(store), False,
+                               tag, settings["measure_sessions"]))
         ratios_of.append((ratio, ratios))
     out = []
     for job, m, (ratio, ratios) in zip(jobs, measure_fresh(jobs), ratios_of):
@@ -141,7 +142,8 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
     sessions = settings["measure_sessions"]
     base = dict(zip((False, True), (m["p50"] for m in measure_uniforms(
         ckpt, data, space, backend, [(0.0, False), (0.0, True)], work, devices, store, args.threads,
-        [{**tag, "candidate_dict": space.uniform(0.0, q).to_dict()} for q in (False, True)], settings))))
+        [{**tag, "candidate_dict": space.uniform(0.0, q).to_dict()} for q in (False, True)], settings,
+        per_layer=True))))
     lo, hi = sorted((base[True], base[False]))
     budgets = [("between", lo + f * (hi - lo)) for f in args.fractions] + [("below", g * base[True])
                                                                            for g in args.below]
@@ -235,7 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="+", choices=["openvino", "onnxruntime"])
     ap.add_argument("--fractions", type=float, nargs="*", help="budgets int8 + f (fp32 - int8) (0.25 0.5 0.75)")
     ap.add_argument("--sensitivity", type=Path, help="a sensitivity.json of an earlier run of this family (reused)")
-    ap.add_argument("--below", type=float, nargs="*", help="budgets g * int8 (default 0.8 0.6; quick: none)")
+    ap.add_argument("--below", type=float, nargs="*", help="budgets g * int8 (default 0.7; quick: none)")
     ap.add_argument("--max-measurements", dest="max_measurements", type=int,
                     help="device measurements per fit (default 20; quick: 8)")
     ap.add_argument("--threads", type=int, default=1)

@@ -230,8 +230,11 @@ class FitRun:
                      "depthwise) instead of by layer")
             return
         self.costs = LayerCosts.from_profiles(profiles, {n: self.space.full_macs(n) for n in self.space.convs})
+        missing = [p for p in self.precisions if p not in profiles]
         self.log("latency model: per-layer costs from the runtime's profile of "
-                 + " and ".join(f"{p} ({len(ms)} of {len(self.space.convs)} convs)" for p, ms in profiles.items()))
+                 + " and ".join(f"{p} ({len(ms)} of {len(self.space.convs)} convs)" for p, ms in profiles.items())
+                 + (f"; {' and '.join(missing)} costs scaled from it (no {' or '.join(missing)} baseline with a "
+                    "per-layer profile here)" if missing else ""))
 
     def _set_environment(self, env: dict[str, Any]) -> None:
         """Measurements of another environment (runtime version, device settings, threads) go stale."""

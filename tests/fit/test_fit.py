@@ -125,6 +125,11 @@ def test_report_and_result_json(finished):
     data = json.loads((res.out / "fit_result.json").read_text())
     lm = data["latency_model"]
     assert lm["n_fit"] + lm["n_heldout"] == len([c for c in data["candidates"]])
+    # conv costs by layer, from the runtime's per-layer profiles of the unpruned model in fp32 and int8
+    coef = lm["coefficients"]
+    assert coef["features"][1:3] == ["profiled_ms[fp32]", "profiled_ms[int8]"]
+    n_convs = len(data["layers"])
+    assert coef["layer_costs"]["profiled"]["fp32"] == n_convs and coef["layer_costs"]["profiled"]["int8"] > 0
     assert len(data["layers"]) == len(res.result["layers"]) > 5
     assert {b["name"] for b in data["baselines"]} >= {"fp32", "int8 everywhere", "smallest (floor)"}
 
