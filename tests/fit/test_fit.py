@@ -117,6 +117,18 @@ def test_sessions_are_interleaved_across_a_batch(tmp_path, monkeypatch):
     assert measure.interleaved([], run_all) == []
 
 
+def test_the_check_takes_the_least_pruned_uniform_candidate_in_budget(finished):
+    """The short fine-tune check also scores the least pruned uniform int8 candidate within the budget, so
+    the result is chosen against the baseline on real mAP, not only on the summed sensitivity estimate."""
+    res, _, _, budget = finished
+    state = json.loads((res.out / STATE).read_text())
+    uniform = [m for m in state["measurements"] if m.get("candidate") and m.get("size_bytes") is not None
+               and len(set(m["candidate"]["ratios"])) == 1 and all(m["candidate"]["int8"])
+               and m["size_bytes"] <= budget]
+    assert uniform
+    assert min(uniform, key=lambda m: m["candidate"]["ratios"][0])["key"] in state["checks"]
+
+
 def test_report_and_result_json(finished):
     res, _, _, _ = finished
     html = res.report.read_text()
