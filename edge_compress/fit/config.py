@@ -22,8 +22,9 @@ class FitConfig:
 
     Search: ``precision`` ``per-layer`` (fp32 or int8 per conv, where the backend takes
     int8), ``int8`` (every conv int8, only the pruning searched) or ``fp32``; ``ratios``
-    per knob, ``initial_samples`` candidates measured before the first model fit, then rounds of search + ``batch`` measurements (promising and
-    adaptive-sampling picks) up to ``max_measurements``; ``holdout`` of them are kept
+    per knob, ``initial_samples`` candidates measured before the first model fit, then
+    rounds of search + ``batch`` measurements (promising and adaptive-sampling picks)
+    up to ``max_measurements``; ``holdout`` of them are kept
     out of the latency model's fit to report its error honestly. ``sensitivity_images``
     val images score each layer's change. ``check_candidates`` of the best measured
     candidates get a ``check_epochs`` fine-tune and a real mAP before the choice.

@@ -93,7 +93,7 @@ class LayerCosts:
 
 def profiled_conv_ms(per_layer: dict[str, Any], conv_names: dict[str, Sequence[str]]) -> dict[str, float]:
     """The ms of each conv's kernel in a runtime's per-layer profile (a profile record's ``per_layer``),
-    by the ONNX names of the conv and what fuses into it (``SearchSpace.conv_nodes``): a runtime names
+    by the ONNX names of the conv and what fuses into it (``SearchSpace.conv_profile_names``): a runtime names
     the fused kernel after one of them or extends it (ONNX Runtime's ``.../Conv_token_29`` in int8 and
     ``.../act/LeakyRelu_output_0_nchwc`` for a Conv+LeakyRelu in fp32, OpenVINO's
     ``.../Conv/WithoutBiases``). Only conv kernels count (not the QuantizeLinear or reorder named after a

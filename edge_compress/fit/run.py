@@ -216,7 +216,7 @@ class FitRun:
         if m is None or not m.get("record") or not Path(m["record"]).is_file():
             return None
         per_layer = json.loads(Path(m["record"]).read_text()).get("per_layer") or {}
-        found = profiled_conv_ms(per_layer, self.space.conv_nodes) if per_layer.get("layers") else {}
+        found = profiled_conv_ms(per_layer, self.space.conv_profile_names) if per_layer.get("layers") else {}
         return found or None
 
     def _layer_costs(self, base: Candidate, int8: Candidate) -> None:

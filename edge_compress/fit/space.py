@@ -139,7 +139,7 @@ class SearchSpace:
         quantizable = tuple(n for n, c in self.convs.items() if not c.head_output)
         self.precision_layers = quantizable if "int8" in precisions and not int8_everywhere else ()
         self._always_int8 = quantizable if int8_everywhere else ()
-        self.producers, self.conv_nodes = conv_graph(model, set(self.convs))
+        self.producers, self.conv_profile_names = conv_graph(model, set(self.convs))
         self.consumers: dict[str, set[str]] = {}
         for c, ps in self.producers.items():
             for p in ps:
