@@ -25,8 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 from dataclasses import dataclass
+from random import Random
 from typing import Any
 
 from torch import nn
@@ -190,7 +190,7 @@ class SearchSpace:
         """The most compressed candidate: every knob at the largest ratio, every layer int8."""
         return self.uniform(max(self.ratios), int8=True)
 
-    def random(self, rng: random.Random) -> Candidate:
+    def random(self, rng: Random) -> Candidate:
         """Ratios with a per-candidate bias (samples spread from light to heavy); precision all int8, all
         fp32, or int8 with one to three runs of consecutive fp32 layers (a per-layer coin flip would mostly
         sample candidates full of precision boundaries, which no search keeps)."""

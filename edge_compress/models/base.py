@@ -14,7 +14,7 @@ holding ``[class_id, x1, y1, x2, y2]`` in input pixels (after letterboxing).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 import numpy as np

@@ -13,7 +13,6 @@ the same batches as an uninterrupted run and ends with the same weights.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
