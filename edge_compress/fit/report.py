@@ -14,7 +14,8 @@ URLs, so it opens from a file on any machine and can travel with a run folder. I
 * ``#latency-model``: predicted against measured latency of the held-out candidates, with the
   y = x line and the +-10 % band: how far the latency model that steered the search can be trusted;
 * ``#layers``: per layer, output channels kept, prune ratio, precision and MACs;
-* ``#rounds``: each search round's internal budget and the latency measured for its pick;
+* ``#rounds``: each search round's internal budget, the latency measured for its pick and how fast the
+  uncompressed model ran beside it against the start of the run (a device in a slow phase);
 * the runtime environment the latency model was fitted in, and the search's notes.
 
 The input is the plain JSON-able dict the search writes (schema in ``render_report``). Missing
@@ -500,11 +501,18 @@ def _layers_table(layers: Sequence[dict]) -> str:
     return _table("layers", header, rows, foot)
 
 
+def _drift(tries: Sequence[dict]) -> str:
+    """The reference's speed at each verification try against the start of the run (+40%: slower)."""
+    shown = [f"{t['drift'] - 1:+.0%}" for t in tries if t.get("drift") is not None]
+    return " then ".join(shown) if shown else DASH
+
+
 def _rounds_table(rounds: Sequence[dict]) -> str:
     rows = [_row([r.get("round", DASH), _fmt_ms(r.get("search_budget_ms")), _fmt_ms(r.get("measured_ms")),
-                  "passed" if r.get("passed") else "failed"], "" if r.get("passed") else "fail")
+                  _drift(r.get("reference") or []), "passed" if r.get("passed") else "failed"],
+                 "" if r.get("passed") else "fail")
             for r in rounds]
-    return _table("rounds", ["round", "search budget", "measured", "verdict"], rows)
+    return _table("rounds", ["round", "search budget", "measured", "reference vs start of run", "verdict"], rows)
 
 
 def _environment_table(env: dict) -> str:
@@ -589,7 +597,7 @@ def render_report(result: dict) -> str:
     ``baselines`` [{name, latency_ms, ap?, size_bytes?}],
     ``candidates`` [{key, measured_ms, predicted_ms?, est_ap?, ap?, heldout, pareto, energy_mj?, size_bytes?}],
     ``result``? {key, latency_ms, ap?, ap50?, energy_mj?, energy_label?, size_bytes?, artifact,
-    rounds [{round, search_budget_ms, measured_ms, passed}]},
+    rounds [{round, search_budget_ms, measured_ms, passed, reference? [{drift, ...}]}]},
     ``layers`` [{name, kind, prune_ratio?, precision, in_channels, out_channels, orig_out_channels, macs}],
     ``latency_model`` {n_fit, n_heldout, within_10pct?, median_abs_rel_err?, p95_abs_rel_err?,
     heldout [{key, predicted_ms, measured_ms}], environment}, ``notes`` [str].

@@ -711,7 +711,8 @@ class FitRun:
                        "size_bytes": last["measured"].get("size_bytes"), "artifact": str(artifact),
                        "record": last["measured"].get("record"),
                        "rounds": [{"round": r["round"], "search_budget_ms": r["search_budget_ms"],
-                                   "measured_ms": r["measured_ms"], "passed": r["passed"]}
+                                   "measured_ms": r["measured_ms"], "passed": r["passed"],
+                                   "reference": r.get("reference", [])}
                                   for r in self.state.data["rounds"]]},
             "layers": [row.to_dict() for row in self.space.layers(c)],
             "latency_model": {**self._holdout(), "environment": self.env or {},

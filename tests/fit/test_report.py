@@ -55,7 +55,8 @@ def realistic() -> dict:
         "result": {"key": cands[12]["key"], "latency_ms": 19.1, "ap": 0.497, "ap50": 0.701, "energy_mj": 3.2,
                    "energy_label": "estimated", "size_bytes": 2_600_000, "artifact": "runs/fit/picodet-s/artifact",
                    "rounds": [{"round": 1, "search_budget_ms": 20.0, "measured_ms": 21.3, "passed": False},
-                              {"round": 2, "search_budget_ms": 18.8, "measured_ms": 19.1, "passed": True}]},
+                              {"round": 2, "search_budget_ms": 18.8, "measured_ms": 19.1, "passed": True,
+                               "reference": [{"drift": 1.42}, {"drift": 1.03}]}]},
         "layers": _layers(),
         "latency_model": {"n_fit": 14, "n_heldout": len(heldout), "within_10pct": 1.0, "median_abs_rel_err": 0.03,
                           "p95_abs_rel_err": 0.06, "heldout": heldout,
@@ -124,6 +125,7 @@ def test_realistic_report_has_every_part():
     assert {"summary", "pareto", "latency-model", "layers", "rounds", "notes"} <= _ids(page)
     assert _body_rows(page, "layers") == N_LAYERS
     assert _body_rows(page, "rounds") == 2
+    assert "+42% then +3%" in _inside(page, "table", "rounds")   # the device's slow phase at the first try
     assert _body_rows(page, "summary") == 1 + 3
     assert _inside(page, "svg", "pareto").count("<circle") >= N_CANDIDATES
     assert "picodet-s" in page and "rpi5" in page and "onnxruntime" in page and "20.00 ms p90" in page
