@@ -113,6 +113,7 @@ class FitRun:
         self.sens = Sensitivity.load_or_new(own, self.space)
         self.rng = random.Random(config.seed)
         self.env: dict[str, Any] | None = None
+        self.reference: tuple[Candidate, str, float] | None = None   # (uncompressed model, its artifact, p at start)
         self.costs: LayerCosts | None = None
         self.executor = make_executor("inline")
 
@@ -207,7 +208,7 @@ class FitRun:
         if not probe or "error" in probe[0]:
             raise FitError(f"the uncompressed model could not be measured on '{self.device.name}': "
                            f"{probe[0].get('error') if probe else 'nothing returned'}")
-        # measured beside the result: a device slower than now at verification is drift, not the result
+        # the reference, measured again beside the result: it tells a slow phase of the device from a slow result
         self.reference = (base, probe[0]["artifact"], probe[0][self.config.percentile])
         self._set_environment(probe[0]["environment"])
         int8 = self.space.uniform(0.0, True)
@@ -460,11 +461,13 @@ class FitRun:
                         self.space.min_channels, self.space.keep_fp32(c), self.space.any_int8(c), self.backend,
                         str(self.data), str(folder), self.threads, 8, self.state.run_id)
 
-    def _measure_job(self, c: Candidate, artifact: str, keep: bool = False, per_layer: bool = False) -> MeasureJob:
+    def _measure_job(self, c: Candidate, artifact: str, keep: bool = False, per_layer: bool = False,
+                     reference: bool = False) -> MeasureJob:
         energy = self.device.energy_sensor if self.config.budget_mj is not None else "none"
         settings = measure_settings(self.config.profile_seconds, self.threads, per_layer, energy)
         return MeasureJob(c.key(), artifact, self.device.to_dict(), settings, str(self.store), keep,
-                          {"run": self.state.run_id, "space": self.space.fingerprint(), "candidate_dict": c.to_dict()},
+                          {"run": self.state.run_id, "space": self.space.fingerprint(), "candidate_dict": c.to_dict(),
+                           **({"reference": True} if reference else {})},
                           self.config.measure_sessions)
 
     def _latest(self, c: Candidate) -> dict[str, Any] | None:
@@ -484,8 +487,8 @@ class FitRun:
         own = other = 0
         for e in entries:
             tag = e.record.get("fit", {})
-            if str(e.path) in known or "candidate_dict" not in tag:
-                continue
+            if str(e.path) in known or "candidate_dict" not in tag or tag.get("reference"):
+                continue    # a reference re-measured at verification is a probe of the device's speed then
             mine = tag.get("run") == self.state.run_id
             if not mine and tag.get("space") != self.space.fingerprint():
                 continue
@@ -621,17 +624,17 @@ class FitRun:
         art = export_model(model, self.backend, folder / "artifact", quant=quant, data=self.data,
                            threads=self.threads, recipe={"steps": [], "fit": {"run": self.state.run_id,
                                                                                 "candidate": c.key()}})
-        m, passed, drift = self._verify(c, str(art.path))
+        m, passed, tries = self._verify(c, str(art.path))
         metrics = art.manifest["metrics"]
         self.state.data["rounds"].append({
             "round": round_no, "candidate": c.to_dict(), "key": c.key(), "scale": dict(self.state.data["scale"]),
             "search_budget_ms": (self.config.budget_ms or 0) * self.state.data["scale"].get("latency_ms", 1.0),
             "measured": m, "measured_ms": m[self.config.percentile], "passed": passed, "artifact": str(art.path),
-            "reference": drift,
+            "reference": tries,
             "ap": metrics["map"]["ap"], "ap50": metrics["map"]["ap50"], "finetune": ft,
             "map_fp32": metrics.get("map_fp32", {}).get("ap")})
         self.state.save()
-        ref = drift[-1]["drift"]
+        ref = tries[-1]["drift"]
         self.log(f"  measured {self.config.percentile} {m[self.config.percentile]:.3f} ms, runtime AP "
                  f"{metrics['map']['ap']:.4f}: {'meets' if passed else 'MISSES'} the budget"
                  + ("" if ref is None else f" (the reference {ref - 1:+.0%} against the start of this run)"))
@@ -653,7 +656,7 @@ class FitRun:
                          f"({attempt} of {DRIFT_RETRIES})")
                 time.sleep(DRIFT_PAUSE_S)
             m, ref = self._on_device([self._measure_job(c, artifact, keep=True, per_layer=True),
-                                      self._measure_job(base, ref_artifact, keep=True)])
+                                      self._measure_job(base, ref_artifact, keep=True, reference=True)])
             if "error" in m:
                 raise FitError(f"the result could not be measured on '{self.device.name}': {m['error']}")
             drift = ref[pct] / ref_start if "error" not in ref else None

@@ -245,6 +245,13 @@ def test_a_miss_in_a_slow_phase_of_the_device_is_measured_again(tiny_checkpoint,
     assert json.loads((res.out / STATE).read_text())["scale"] == rounds[1]["scale"]
     assert any("slow phase; measuring again" in s for s in lines)
     assert res.result["result"]["latency_ms"] <= 1000.0
+    # the reference's re-measurements are in the store, tagged, and no later fit takes them for candidates
+    stored = ProfileStore(tmp_path / "profiles").list(device="local", backend="onnxruntime")
+    assert sum(bool(e.record.get("fit", {}).get("reference")) for e in stored) == 3
+    later = run_mod.FitRun(tiny_checkpoint, tiny_synth, FitConfig(**{**SMALL, **small, "budget_ms": 1000.0}),
+                           tmp_path / "later", "local", "onnxruntime", devices, tmp_path / "profiles", lambda s: None)
+    later._harvest_store()
+    assert len(later.state.data["measurements"]) == len(stored) - 3
 
 
 def test_impossible_budget_names_the_floor(tiny_checkpoint, tiny_synth, devices, tmp_path):
