@@ -15,7 +15,12 @@ default the head's output convs (the last conv on every path to the output:
 small 1x1 predictors, a few percent of the MACs), since 8-bit logits and box
 offsets are where a detector loses most (yolo_tiny, percentile calibration:
 AP 0.683 fp32, 0.663 all-int8, 0.679 with the two output convs in fp32);
-and any layer the user keeps in fp32.
+and any layer the user keeps in fp32. A float conv keeps its neighbours float too
+(``float_neighbours``): the activation, pooling, residual Add and SE Mul that it
+feeds (or, at the graph's input, that feed it) get no Q/DQ. Quantizing them would
+put a quantize/dequantize pair and a layout reorder around every elementwise op
+of a float region: on OpenVINO an ssdlite with 2 of 62 convs in int8 and the rest
+float ran 6.4 ms, against 4.6 ms for the same model all float.
 """
 
 from __future__ import annotations
@@ -70,6 +75,34 @@ def output_convs(model) -> set[str]:
             and all(o in graph_out or (consumers.get(o) and set(consumers[o]) <= tail) for o in n.output)}
 
 
+def float_neighbours(model, float_compute: set[str]) -> set[str]:
+    """The nodes other than Conv/Gemm/MatMul that run beside a float conv: those whose nearest compute
+    producers (through any chain of other nodes; with none, their nearest compute consumers) include one of
+    ``float_compute``. A residual Add or a Concat joining an int8 and a float branch is among them: its
+    float input would be quantized only to be dequantized again."""
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def nearest(n, seen: dict[str, set[str]], links) -> set[str]:
+        found: set[str] = set()
+        for m in links(n):
+            found |= {m.name} if m.op_type in QUANTIZED_OPS else seen[m.name]
+        return found
+
+    up: dict[str, set[str]] = {}
+    for n in nodes:                       # graph order is topological: producers come first
+        up[n.name] = nearest(n, up, lambda n: [producer[i] for i in n.input if i in producer])
+    down: dict[str, set[str]] = {}
+    for n in reversed(nodes):
+        down[n.name] = nearest(n, down, lambda n: [c for o in n.output for c in consumers.get(o, [])])
+    return {n.name for n in nodes if n.op_type not in QUANTIZED_OPS
+            and (up[n.name] or down[n.name]) & float_compute}
+
+
 def quantize_onnx(fp32_onnx: Path, table: CalibrationTable, out: Path, *, keep_fp32: Sequence[str] = (),
                   per_channel: bool = True, symmetric_activations: bool = False,
                   quantize_outputs: bool = False) -> QdqResult:
@@ -97,7 +130,8 @@ def quantize_onnx(fp32_onnx: Path, table: CalibrationTable, out: Path, *, keep_f
                           "it was computed on a different graph: calibrate this model again")
     ranges = TensorsData(CalibrationMethod.MinMax, {
         k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in table.ranges.items()})
-    exclude = sorted(tail_nodes(model) | set(keep_fp32) | (set() if quantize_outputs else output_convs(model)))
+    float_compute = set(keep_fp32) | (set() if quantize_outputs else output_convs(model))
+    exclude = sorted(tail_nodes(model) | float_compute | float_neighbours(model, float_compute))
     act = QuantType.QInt8 if symmetric_activations else QuantType.QUInt8
     extra = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True}
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT's pre-process advice

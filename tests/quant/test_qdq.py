@@ -10,7 +10,8 @@ from edge_compress.backends.onnx_export import export_onnx
 from edge_compress.errors import ConfigError
 from edge_compress.models import create_detector
 from edge_compress.quant import QuantConfig, calibrate
-from edge_compress.quant.qdq import conv_module_map, output_convs, quantize_onnx, resolve_layers, tail_nodes
+from edge_compress.quant.qdq import conv_module_map, float_neighbours, output_convs, quantize_onnx, resolve_layers, \
+    tail_nodes
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,39 @@ def test_keep_fp32_and_unknown_names(graph, tmp_path):
         resolve_layers(["backbone.nope"], convs, mapping)
     with pytest.raises(ConfigError, match="not in"):
         quantize_onnx(path, table, tmp_path / "q2.onnx", keep_fp32=["/no/such/Conv"])
+
+
+def test_a_float_conv_keeps_its_neighbours_float(graph, tmp_path, monkeypatch):
+    """The activation beside a conv kept in fp32 gets no Q/DQ (a float region stays float: a quantize/
+    dequantize pair and a reorder around each of its elementwise ops is what OpenVINO ran slower than the
+    whole model in fp32); an int8 conv's activation stays quantized; with no conv kept, nothing but the
+    head's plumbing after the float output convs is left out."""
+    from edge_compress.quant import qdq
+
+    _, path, table = graph
+    m = onnx.load(str(path))
+    convs = [n.name for n in m.graph.node if n.op_type == "Conv"]
+    keep = convs[3]
+    kept_out = next(n for n in m.graph.node if n.name == keep).output[0]
+    act = next(n for n in m.graph.node if kept_out in n.input)
+    beside = float_neighbours(m, {keep})
+    assert act.op_type == "LeakyRelu" and act.name in beside
+    assert all(n.op_type not in ("Conv", "Gemm", "MatMul") for n in m.graph.node if n.name in beside)
+    assert float_neighbours(m, output_convs(m)) <= tail_nodes(m)  # all-int8: as before
+
+    def quantized(out):
+        q = onnx.load(str(quantize_onnx(path, table, tmp_path / out, keep_fp32=[keep]).path))
+        return q, {o: n for n in q.graph.node for o in n.output}
+
+    q, producer = quantized("q.onnx")
+    q_act = next(n for n in q.graph.node if n.name == act.name)
+    assert producer[q_act.input[0]].name == keep                # the float conv's output, not dequantized
+    int8_act = [n for n in q.graph.node if n.op_type == "LeakyRelu" and n.name not in beside]
+    assert int8_act and all(producer[n.input[0]].op_type == "DequantizeLinear" for n in int8_act)
+    monkeypatch.setattr(qdq, "float_neighbours", lambda model, float_compute: set())     # the old rule
+    old, _ = quantized("old.onnx")
+    count = [sum(n.op_type == "QuantizeLinear" for n in g.graph.node) for g in (q, old)]
+    assert count[0] < count[1]
 
 
 def test_a_table_from_another_graph_is_refused(graph, tmp_path):
