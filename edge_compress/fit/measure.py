@@ -39,6 +39,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 MANIFEST = "manifest.json"
+# How a candidate's artifact is built; part of every fit measurement's environment, so a change to what
+# the same candidate key builds makes the measurements of the old builds stale. 2: a float conv's
+# activation, pooling, Add and Mul stay float (``quant.qdq.float_neighbours``); before, they were QDQ.
+CANDIDATE_BUILD = 2
 
 
 @dataclass(frozen=True)
@@ -234,7 +238,8 @@ def measurement_environment(record: dict[str, Any]) -> dict[str, Any]:
     return {"device": record["device"], "backend": record["backend"],
             "runtime_version": env.get("runtime_version"), "threads": record.get("settings", {}).get("threads"),
             "cpu_model": env.get("cpu_model"), "power_mode": dev.get("power_mode"),
-            "connection": dev.get("connection"), "host": dev.get("host") or dev.get("serial")}
+            "connection": dev.get("connection"), "host": dev.get("host") or dev.get("serial"),
+            "candidate_build": record.get("fit", {}).get("build")}
 
 
 def drop_model_files(artifact: Path) -> None:

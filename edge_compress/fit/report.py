@@ -431,7 +431,20 @@ def _latency_model_caption(lm: dict) -> str:
     return (f"Within +-10 % of the measured latency: {_fmt_pct(within)}{source} of the held-out candidates. "
             f"Fitted on {_e(lm.get('n_fit', DASH))} candidates, {_e(lm.get('n_heldout', DASH))} held out; "
             f"median |relative error| {_fmt_pct(lm.get('median_abs_rel_err'))}, "
-            f"95th percentile {_fmt_pct(lm.get('p95_abs_rel_err'))}." + _noise_caption(lm.get("measurement")))
+            f"95th percentile {_fmt_pct(lm.get('p95_abs_rel_err'))}." + _raw_caption(lm)
+            + _noise_caption(lm.get("measurement")))
+
+
+def _raw_caption(lm: dict) -> str:
+    """Where some held-out candidates' batches ran while the device was off its speed at the start (the
+    reference drifted), the measured latency is divided by that drift; the figure before the division."""
+    raw = _num(lm.get("raw_within_10pct"))
+    shifted = sum(1 for h in lm.get("heldout") or [] if isinstance(h, dict) and _num(h.get("speed")) not in (None, 1.0))
+    if raw is None or not shifted:
+        return ""
+    return (f" {shifted} of them were measured while the device ran off its speed at the start of the run; "
+            f"their latencies are divided by the reference's drift in that batch. Against the latencies as "
+            f"measured: {_fmt_pct(raw)} within +-10 %.")
 
 
 def _noise_caption(rep: Any) -> str:
@@ -600,7 +613,8 @@ def render_report(result: dict) -> str:
     rounds [{round, search_budget_ms, measured_ms, passed, reference? [{drift, ...}]}]},
     ``layers`` [{name, kind, prune_ratio?, precision, in_channels, out_channels, orig_out_channels, macs}],
     ``latency_model`` {n_fit, n_heldout, within_10pct?, median_abs_rel_err?, p95_abs_rel_err?,
-    heldout [{key, predicted_ms, measured_ms}], environment}, ``notes`` [str].
+    raw_within_10pct?, heldout [{key, predicted_ms, measured_ms, raw_ms?, speed?}], environment},
+    ``notes`` [str].
     AP values are fractions (COCO AP); deltas are shown in points (x 100).
     """
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

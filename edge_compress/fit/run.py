@@ -11,7 +11,12 @@ The loop (DESIGN.md "fit"):
    fit the latency model on every measurement of this environment, run the
    greedy and the evolutionary search against it, measure the promising
    candidates and the adaptive-sampling picks, refit; until nothing new is
-   proposed or ``max_measurements`` is reached;
+   proposed or ``max_measurements`` is reached. Every batch is measured beside
+   the reference (the uncompressed model, as measured at the start): a batch
+   measured while the device ran more than ``NORMALIZE_ABOVE`` off its speed at
+   the start counts in the latency model and the choice at that speed (its
+   latencies divided by the reference's drift), so one slow phase does not skew
+   the model for the rest of the run;
 5. **choice**: the best measured candidates that meet the budget on the device,
    checked by a short fine-tune and a real mAP;
 6. **result**: fine-tune with distillation, export (full calibration, mAP through
@@ -46,8 +51,8 @@ from edge_compress.fit.executor import make_executor
 from edge_compress.fit.finetune import FinetuneJob, finetune_candidate
 from edge_compress.fit.latency import LatencyModel, LayerCosts, environment_key, features, fit_latency, \
     holdout_report, measurement_repeatability, profiled_conv_ms, sampling_scores
-from edge_compress.fit.measure import BuildJob, MeasureJob, build_candidate, interleaved, measure_settings, \
-    profile_session
+from edge_compress.fit.measure import CANDIDATE_BUILD, BuildJob, MeasureJob, build_candidate, interleaved, \
+    measure_settings, profile_session
 from edge_compress.fit.search import Memo, evolve, greedy, pareto
 from edge_compress.fit.space import Candidate, SearchSpace
 from edge_compress.fit.state import FitState
@@ -57,6 +62,7 @@ SAFETY = 0.98          # after a miss, the search budget is tightened to SAFETY 
 DRIFT = 0.10           # the reference this much slower than at the start: the device is in a slow phase
 DRIFT_RETRIES = 2      # a miss in a slow phase is measured again this many times (after DRIFT_PAUSE_S) first
 DRIFT_PAUSE_S = 30.0
+NORMALIZE_ABOVE = 0.05  # a batch's reference drift beyond this (the noise of a 3-session median): latencies / drift
 
 
 class FitError(EdgeCompressError, RuntimeError):
@@ -367,8 +373,19 @@ class FitRun:
         return np.array([1.0, p32 / 1e6, p8 / 1e6])
 
     def _value(self, m: dict[str, Any], name: str) -> float | None:
-        return {"latency_ms": m.get(self.config.percentile), "energy_mj": m.get("energy_mj"),
-                "size_bytes": m.get("size_bytes")}[name]
+        """``m``'s ``name``; a latency at the device's speed at the start of this run (``_speed``)."""
+        if name == "latency_ms":
+            v = m.get(self.config.percentile)
+            return None if v is None else v / self._speed(m)
+        return {"energy_mj": m.get("energy_mj"), "size_bytes": m.get("size_bytes")}[name]
+
+    @staticmethod
+    def _speed(m: dict[str, Any]) -> float:
+        """The factor ``m``'s latency is divided by: its batch's reference drift where that is beyond
+        ``NORMALIZE_ABOVE``, else 1 (within the reference's own noise a correction adds noise). The result's
+        verification has no drift: its raw latency meets the budget or not."""
+        d = m.get("drift")
+        return d if d is not None and abs(d - 1.0) > NORMALIZE_ABOVE else 1.0
 
     def _usable(self) -> list[dict[str, Any]]:
         return [m for m in self.state.valid() if m.get("candidate")]
@@ -399,6 +416,12 @@ class FitRun:
         x, y = self._design("latency_ms")
         held = np.array([bool(m.get("heldout")) and self._heldout(m["key"]) for m in usable])
         rep = holdout_report(x, y, held, self.env or {}, [m["key"] for m in usable], self.costs)
+        speeds = [self._speed(m) for m, h in zip(usable, held) if h]
+        for h, sp in zip(rep["heldout"], speeds):    # the latency as measured, before the division by the drift
+            h["raw_ms"], h["speed"] = h["measured_ms"] * sp, sp
+        if rep["heldout"]:
+            rep["raw_within_10pct"] = float(np.mean([abs(h["predicted_ms"] - h["raw_ms"]) <= 0.10 * h["raw_ms"]
+                                                     for h in rep["heldout"]]))
         return {**rep, "measurement": measurement_repeatability([m.get("sessions_p50") or [] for m in usable])}
 
     # ---- measuring
@@ -428,10 +451,14 @@ class FitRun:
                 results.append(b)
             else:
                 ok.append((c, b["artifact"]))
-        measured = self._on_device([self._measure_job(c, artifact, keep, per_layer) for c, artifact in ok]) \
-            if ok else []
+        jobs = [self._measure_job(c, artifact, keep, per_layer) for c, artifact in ok]
+        if jobs and self.reference is not None:      # the reference beside every batch: the device's speed now
+            base, ref_artifact, _ = self.reference
+            jobs.append(self._measure_job(base, ref_artifact, keep=True, reference=True))
+        measured = self._on_device(jobs) if jobs else []
+        drift = self._batch_drift(measured.pop()) if jobs and self.reference is not None else None
         for (c, artifact), m in zip(ok, measured):
-            m.update(candidate=c.to_dict(), heldout=self._heldout(c.key()),
+            m.update(candidate=c.to_dict(), heldout=self._heldout(c.key()), drift=drift,
                      est_ap=self.sens.estimate(c) if self.sens.complete else None)
             if keep and "error" not in m:
                 m["artifact"] = artifact
@@ -439,6 +466,18 @@ class FitRun:
             results.append(m)
             self.log(self._measure_line(c, m))
         return results
+
+    def _batch_drift(self, ref: dict[str, Any]) -> float | None:
+        """The reference's latency in a batch against the start of this run (> 1: the device runs slow)."""
+        pct, start = self.config.percentile, self.reference[2]
+        if "error" in ref or not ref.get(pct):
+            self.log(f"  the reference could not be measured beside this batch ({ref.get('error')}); its "
+                     "latencies are taken as they are")
+            return None
+        drift = ref[pct] / start
+        self.log(f"  reference {ref[pct]:.3f} ms, {drift - 1:+.1%} against the start of this run"
+                 + (": this batch's latencies count divided by that" if abs(drift - 1) > NORMALIZE_ABOVE else ""))
+        return drift
 
     def _on_device(self, jobs: list[MeasureJob]) -> list[dict[str, Any]]:
         """``jobs``' sessions one by one on the device (each in a fresh process on ``local``), interleaved
@@ -452,8 +491,11 @@ class FitRun:
         if "error" in m:
             return f"  [{n}/{self.config.max_measurements}] {c.key()}: measurement failed: {m['error']}"
         est = "" if m["est_ap"] is None else f", est AP {m['est_ap']:.4f}"
+        speed = self._speed(m)
         return (f"  [{n}/{self.config.max_measurements}] {c.key()}: {self.config.percentile} "
-                f"{m[self.config.percentile]:.3f} ms{est}" + (" (held out)" if m["heldout"] else ""))
+                f"{m[self.config.percentile]:.3f} ms" + (f" ({m[self.config.percentile] / speed:.3f} at the start's "
+                                                           "speed)" if speed != 1.0 else "")
+                + est + (" (held out)" if m["heldout"] else ""))
 
     def _build_job(self, c: Candidate, out: Path | None = None) -> BuildJob:
         folder = out or self.out / "candidates" / f"{c.key()}-{len(self.state.data['measurements']):04d}"
@@ -467,7 +509,7 @@ class FitRun:
         settings = measure_settings(self.config.profile_seconds, self.threads, per_layer, energy)
         return MeasureJob(c.key(), artifact, self.device.to_dict(), settings, str(self.store), keep,
                           {"run": self.state.run_id, "space": self.space.fingerprint(), "candidate_dict": c.to_dict(),
-                           **({"reference": True} if reference else {})},
+                           "build": CANDIDATE_BUILD, **({"reference": True} if reference else {})},
                           self.config.measure_sessions)
 
     def _latest(self, c: Candidate) -> dict[str, Any] | None:
@@ -513,7 +555,7 @@ class FitRun:
         for name, limit in self.config.constraints().items():
             value = self._value(m, name)
             if every_session and name == "latency_ms" and self.config.percentile == "p50" and m.get("sessions_p50"):
-                value = max(m["sessions_p50"])
+                value = max(m["sessions_p50"]) / self._speed(m)
             lim = limit * (self.state.data["scale"].get(name, 1.0) if scaled else 1.0)
             if value is None or value > lim:
                 return False

@@ -3,7 +3,6 @@ device, report, resumable state, no measurement lost when interrupted, and the e
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -222,7 +221,7 @@ def test_a_miss_in_a_slow_phase_of_the_device_is_measured_again(tiny_checkpoint,
 
     def on_device(self, jobs):
         out = real(self, jobs)
-        if len(jobs) == 2 and jobs[1].key == self.space.baseline().key():     # a verification: result + reference
+        if Path(jobs[0].artifact).parent.name.startswith("round"):     # a verification: result + reference
             verifications.append(len(verifications))
             if len(verifications) == 1:      # round 0: the result alone over the budget
                 out = [{**out[0], "p50": 2000.0}, {**out[1], "p50": self.reference[2]}]
@@ -247,11 +246,80 @@ def test_a_miss_in_a_slow_phase_of_the_device_is_measured_again(tiny_checkpoint,
     assert res.result["result"]["latency_ms"] <= 1000.0
     # the reference's re-measurements are in the store, tagged, and no later fit takes them for candidates
     stored = ProfileStore(tmp_path / "profiles").list(device="local", backend="onnxruntime")
-    assert sum(bool(e.record.get("fit", {}).get("reference")) for e in stored) == 3
+    n_ref = sum(bool(e.record.get("fit", {}).get("reference")) for e in stored)
+    assert n_ref == 3 + sum(1 for s in lines if s.startswith("  reference "))    # verifications + batches
     later = run_mod.FitRun(tiny_checkpoint, tiny_synth, FitConfig(**{**SMALL, **small, "budget_ms": 1000.0}),
                            tmp_path / "later", "local", "onnxruntime", devices, tmp_path / "profiles", lambda s: None)
     later._harvest_store()
-    assert len(later.state.data["measurements"]) == len(stored) - 3
+    assert len(later.state.data["measurements"]) == len(stored) - n_ref
+
+
+def test_a_batch_measured_in_a_slow_phase_counts_at_the_start_speed(tiny_checkpoint, tiny_synth, devices, tmp_path,
+                                                                     monkeypatch):
+    """Every batch of candidates is measured beside the reference. The batch of initial samples runs while
+    the device is 1.5x slow, the reference with it: its latencies enter the latency model and the choice
+    divided by 1.5, as measured in state.json and the store. The other batches' reference runs 2% slow,
+    within the reference's own noise: their latencies count as measured."""
+    from edge_compress.fit import run as run_mod
+
+    real, batches = run_mod.FitRun._on_device, []
+
+    def slow(m, f):
+        return {**m, "p50": m["p50"] * f, "sessions_p50": [v * f for v in m["sessions_p50"]]}
+
+    def on_device(self, jobs):
+        out = real(self, jobs)
+        if self.reference is None or Path(jobs[0].artifact).parent.name.startswith("round"):
+            return out                               # the probe, a verification
+        assert jobs[-1].key == self.space.baseline().key() and jobs[-1].extra["reference"]
+        batches.append([j.key for j in jobs[:-1]])
+        f = 1.5 if len(jobs) >= 4 and not any(f == 1.5 for _, f in batches[:-1]) else 1.02
+        batches[-1] = (batches[-1], f)
+        return [slow(m, f) for m in out[:-1]] + [{**out[-1], "p50": f * self.reference[2]}]
+
+    monkeypatch.setattr(run_mod.FitRun, "_on_device", on_device)
+    res, lines = _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "profiles",
+                      budget_ms=1000.0, check_candidates=0, max_measurements=9)
+    slow_keys = [keys for keys, f in batches if f == 1.5]
+    assert len(slow_keys) == 1 and len(batches) >= 3
+    state = json.loads((res.out / STATE).read_text())
+    run = run_mod.FitRun(tiny_checkpoint, tiny_synth, FitConfig(**{**SMALL, "budget_ms": 1000.0,
+                                                                    "check_candidates": 0, "max_measurements": 9}),
+                         res.out, "local", "onnxruntime", devices, tmp_path / "profiles", lambda s: None)
+    seen = 0
+    for m in state["measurements"]:
+        if m["key"] in slow_keys[0]:
+            seen += 1
+            assert m["drift"] == pytest.approx(1.5)
+            assert run._value(m, "latency_ms") == pytest.approx(m["p50"] / 1.5)     # as at the start's speed
+        elif m.get("drift") is not None:
+            assert m["drift"] == pytest.approx(1.02) and run._value(m, "latency_ms") == m["p50"]
+    assert seen == len(slow_keys[0])
+    assert sum("this batch's latencies count divided by that" in s for s in lines) == 1
+    for h in res.result["latency_model"]["heldout"]:       # the error is reported both ways
+        assert h["raw_ms"] == pytest.approx(h["measured_ms"] * h["speed"]) and h["speed"] in (1.0, 1.5)
+
+
+def test_measurements_of_another_candidate_build_are_stale(finished, tiny_checkpoint, tiny_synth, devices, tmp_path):
+    """Every fit measurement records how its candidate was built (``CANDIDATE_BUILD``): when that changes
+    (the same key builds another graph), a later fit marks the stored measurements stale, saying why."""
+    from edge_compress.fit import run as run_mod
+    from edge_compress.fit.measure import CANDIDATE_BUILD
+
+    res, _, root, budget = finished
+    state = json.loads((res.out / STATE).read_text())
+    assert {m["environment"]["candidate_build"] for m in state["measurements"] if "environment" in m} == \
+        {CANDIDATE_BUILD}
+    later = run_mod.FitRun(tiny_checkpoint, tiny_synth, FitConfig(**{**SMALL, "budget_ms": 1000.0,
+                                                                      "budget_bytes": budget}),
+                           tmp_path / "later", "local", "onnxruntime", devices, root / "profiles", lambda s: None)
+    later._harvest_store()
+    harvested = later.state.valid()
+    assert harvested
+    later._set_environment({**harvested[0]["environment"], "candidate_build": CANDIDATE_BUILD + 1})
+    assert not later.state.valid()
+    assert all(f"candidate_build {CANDIDATE_BUILD} -> {CANDIDATE_BUILD + 1}" in m["stale"]
+               for m in later.state.data["measurements"])
 
 
 def test_impossible_budget_names_the_floor(tiny_checkpoint, tiny_synth, devices, tmp_path):
