@@ -15,8 +15,10 @@ re-quantisation of its input) is one unit of cost:
 The last two are the precision boundaries of a mixed candidate: an all-int8 chain
 requantises inside its kernels, but every int8 island in a float graph pays a
 standalone QuantizeLinear on its way in and a DequantizeLinear on its way out
-(and the layout reorders around them); on OpenVINO a candidate with scattered
-int8 layers measured slower than the same model all in fp32.
+(and the layout reorders around them). (Candidates with a few int8 convs once
+measured slower on OpenVINO than the same model all in fp32; that was the QDQ
+graph quantizing every elementwise op of the float regions, fixed in
+``quant.qdq.float_neighbours``, not a cost of the boundaries.)
 
 with ``kind`` in conv / pointwise / depthwise. Layers of one kind are not alike,
 though: a stem conv on 3 input channels, a 3x3 at 160x160 and a 1x1 at 10x10 run

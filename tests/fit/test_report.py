@@ -134,6 +134,19 @@ def test_realistic_report_has_every_part():
     assert "budget-line" in page and "front-line" in page and "result-ring" in page
 
 
+def test_latency_model_caption_gives_the_error_before_the_drift_correction():
+    """Held-out candidates measured while the device ran off its start speed: the caption says how many
+    and the share within +-10% against their latencies as measured; with none, it says nothing of it."""
+    data = realistic()
+    lm = data["latency_model"]
+    assert "as measured" not in render_report(data)
+    lm["heldout"][0].update(raw_ms=1.3 * lm["heldout"][0]["measured_ms"], speed=1.3)
+    lm["raw_within_10pct"] = 0.75
+    caption = render_report(data).split('id="latency-model"', 1)[1]
+    assert "1 of them were measured while the device ran off its speed" in caption
+    assert "Against the latencies as measured: 75" in caption
+
+
 def test_report_is_self_contained():
     page = render_report(realistic())
     assert "<script" not in page.lower()
