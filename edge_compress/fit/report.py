@@ -515,7 +515,7 @@ def _layers_table(layers: Sequence[dict]) -> str:
 
 
 def _drift(tries: Sequence[dict]) -> str:
-    """The reference's speed at each verification try against the start of the run (+40%: slower)."""
+    """The reference's speed at each verification try against its median in the run (+40%: slower)."""
     shown = [f"{t['drift'] - 1:+.0%}" for t in tries if t.get("drift") is not None]
     return " then ".join(shown) if shown else DASH
 
@@ -525,7 +525,8 @@ def _rounds_table(rounds: Sequence[dict]) -> str:
                   _drift(r.get("reference") or []), "passed" if r.get("passed") else "failed"],
                  "" if r.get("passed") else "fail")
             for r in rounds]
-    return _table("rounds", ["round", "search budget", "measured", "reference vs start of run", "verdict"], rows)
+    return _table("rounds", ["round", "search budget", "measured", "reference vs its median in the run", "verdict"],
+                  rows)
 
 
 def _environment_table(env: dict) -> str:

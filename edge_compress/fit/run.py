@@ -12,18 +12,18 @@ The loop (DESIGN.md "fit"):
    greedy and the evolutionary search against it, measure the promising
    candidates and the adaptive-sampling picks, refit; until nothing new is
    proposed or ``max_measurements`` is reached. Every batch is measured beside
-   the reference (the uncompressed model, as measured at the start): a batch
-   measured while the device ran more than ``NORMALIZE_ABOVE`` off its speed at
-   the start counts in the latency model and the choice at that speed (its
-   latencies divided by the reference's drift), so one slow phase does not skew
-   the model for the rest of the run;
+   the reference (the uncompressed model): a batch measured while the reference
+   ran more than ``NORMALIZE_ABOVE`` off its median in this run (its drift)
+   counts in the latency model and the choice at the typical speed (its
+   latencies divided by the drift), so one slow phase does not skew the model
+   for the rest of the run;
 5. **choice**: the best measured candidates that meet the budget on the device,
    checked by a short fine-tune and a real mAP;
 6. **result**: fine-tune with distillation, export (full calibration, mAP through
-   the runtime), measure on the device, interleaved with the uncompressed model
-   measured at the start (the reference); a miss while the reference runs more
-   than ``DRIFT`` slower than it did then is the device's slow phase (a throttled
-   board, a busy host), not the result's: the pair is measured again, up to
+   the runtime), measure on the device, interleaved with the reference; a miss
+   while the reference runs more than ``DRIFT`` slower than its median in this
+   run is the device's slow phase (a throttled board, a busy host), not the
+   result's: the pair is measured again, up to
    ``DRIFT_RETRIES`` times, before the miss counts. A miss tightens the search's
    budget and goes back to 4, ``verify_rounds`` at most;
 7. ``OUT/artifact``, ``OUT/fit_result.json`` and ``OUT/report.html``.
@@ -59,7 +59,7 @@ from edge_compress.fit.state import FitState
 
 ADAPTIVE_PER_ROUND = 2
 SAFETY = 0.98          # after a miss, the search budget is tightened to SAFETY * budget / measured of it
-DRIFT = 0.10           # the reference this much slower than at the start: the device is in a slow phase
+DRIFT = 0.10           # the reference this much slower than its median in the run: the device is in a slow phase
 DRIFT_RETRIES = 2      # a miss in a slow phase is measured again this many times (after DRIFT_PAUSE_S) first
 DRIFT_PAUSE_S = 30.0
 NORMALIZE_ABOVE = 0.05  # a batch's reference drift beyond this (the noise of a 3-session median): latencies / drift
@@ -119,7 +119,7 @@ class FitRun:
         self.sens = Sensitivity.load_or_new(own, self.space)
         self.rng = random.Random(config.seed)
         self.env: dict[str, Any] | None = None
-        self.reference: tuple[Candidate, str, float] | None = None   # (uncompressed model, its artifact, p at start)
+        self.reference: tuple[Candidate, str] | None = None   # (the uncompressed model, its artifact)
         self.costs: LayerCosts | None = None
         self.executor = make_executor("inline")
 
@@ -214,9 +214,11 @@ class FitRun:
         if not probe or "error" in probe[0]:
             raise FitError(f"the uncompressed model could not be measured on '{self.device.name}': "
                            f"{probe[0].get('error') if probe else 'nothing returned'}")
-        # the reference, measured again beside the result: it tells a slow phase of the device from a slow result
-        self.reference = (base, probe[0]["artifact"], probe[0][self.config.percentile])
+        # the reference, measured again beside every batch and the result: it tells a slow phase of the device
+        # from a slow candidate
+        self.reference = (base, probe[0]["artifact"])
         self._set_environment(probe[0]["environment"])
+        self._drift(probe[0])
         int8 = self.space.uniform(0.0, True)
         if self.space.precision_layers:
             self._measure([int8], "baselines", per_layer=True)
@@ -373,7 +375,7 @@ class FitRun:
         return np.array([1.0, p32 / 1e6, p8 / 1e6])
 
     def _value(self, m: dict[str, Any], name: str) -> float | None:
-        """``m``'s ``name``; a latency at the device's speed at the start of this run (``_speed``)."""
+        """``m``'s ``name``; a latency at the device's typical speed in this run (``_speed``)."""
         if name == "latency_ms":
             v = m.get(self.config.percentile)
             return None if v is None else v / self._speed(m)
@@ -453,8 +455,7 @@ class FitRun:
                 ok.append((c, b["artifact"]))
         jobs = [self._measure_job(c, artifact, keep, per_layer) for c, artifact in ok]
         if jobs and self.reference is not None:      # the reference beside every batch: the device's speed now
-            base, ref_artifact, _ = self.reference
-            jobs.append(self._measure_job(base, ref_artifact, keep=True, reference=True))
+            jobs.append(self._measure_job(*self.reference, keep=True, reference=True))
         measured = self._on_device(jobs) if jobs else []
         drift = self._batch_drift(measured.pop()) if jobs and self.reference is not None else None
         for (c, artifact), m in zip(ok, measured):
@@ -467,15 +468,30 @@ class FitRun:
             self.log(self._measure_line(c, m))
         return results
 
+    def _drift(self, ref: dict[str, Any]) -> float | None:
+        """The reference's latency in ``ref`` against its median over this run's earlier measurements of it
+        (> 1: the device runs slow now; None: no earlier one, or ``ref`` failed), then filed with them
+        (``state.json`` ``references``). A median, not the first measurement: one lucky session at the start
+        would make every later batch look slow, and the latencies divided by that too optimistic to meet
+        the budget on verification."""
+        value = ref.get(self.config.percentile) if "error" not in ref else None
+        if not value:
+            return None
+        key = environment_key(self.env or {})
+        refs = self.state.data.setdefault("references", [])
+        earlier = [r["ms"] for r in refs if r["environment_key"] == key]
+        refs.append({"ms": value, "environment_key": key, "record": ref.get("record")})
+        self.state.save()
+        return value / float(np.median(earlier)) if earlier else None
+
     def _batch_drift(self, ref: dict[str, Any]) -> float | None:
-        """The reference's latency in a batch against the start of this run (> 1: the device runs slow)."""
-        pct, start = self.config.percentile, self.reference[2]
-        if "error" in ref or not ref.get(pct):
+        """The drift of the reference measured beside a batch (``_drift``), logged."""
+        drift = self._drift(ref)
+        if drift is None:
             self.log(f"  the reference could not be measured beside this batch ({ref.get('error')}); its "
                      "latencies are taken as they are")
             return None
-        drift = ref[pct] / start
-        self.log(f"  reference {ref[pct]:.3f} ms, {drift - 1:+.1%} against the start of this run"
+        self.log(f"  reference {ref[self.config.percentile]:.3f} ms, {drift - 1:+.1%} against its median in this run"
                  + (": this batch's latencies count divided by that" if abs(drift - 1) > NORMALIZE_ABOVE else ""))
         return drift
 
@@ -493,7 +509,7 @@ class FitRun:
         est = "" if m["est_ap"] is None else f", est AP {m['est_ap']:.4f}"
         speed = self._speed(m)
         return (f"  [{n}/{self.config.max_measurements}] {c.key()}: {self.config.percentile} "
-                f"{m[self.config.percentile]:.3f} ms" + (f" ({m[self.config.percentile] / speed:.3f} at the start's "
+                f"{m[self.config.percentile]:.3f} ms" + (f" ({m[self.config.percentile] / speed:.3f} at the typical "
                                                            "speed)" if speed != 1.0 else "")
                 + est + (" (held out)" if m["heldout"] else ""))
 
@@ -679,30 +695,29 @@ class FitRun:
         ref = tries[-1]["drift"]
         self.log(f"  measured {self.config.percentile} {m[self.config.percentile]:.3f} ms, runtime AP "
                  f"{metrics['map']['ap']:.4f}: {'meets' if passed else 'MISSES'} the budget"
-                 + ("" if ref is None else f" (the reference {ref - 1:+.0%} against the start of this run)"))
+                 + ("" if ref is None else f" (the reference {ref - 1:+.0%} against its median in this run)"))
         return passed
 
     def _verify(self, c: Candidate, artifact: str) -> tuple[dict[str, Any], bool, list[dict[str, Any]]]:
-        """The result measured on the device, interleaved with the reference (the uncompressed model, as
-        measured at the start of this run); whether it meets the budget; the reference's drift at each try.
-        A miss while the reference runs more than ``DRIFT`` slower than at the start is measured again (up
+        """The result measured on the device, interleaved with the reference (the uncompressed model);
+        whether it meets the budget; the reference's drift (``_drift``) at each try.
+        A miss while the reference runs more than ``DRIFT`` slower than its median is measured again (up
         to ``DRIFT_RETRIES`` times, ``DRIFT_PAUSE_S`` apart) before it counts: on a device in a slow phase
         (thermal throttling, a busy host) a miss says nothing about the result, and tightening the budget
         for it would cost mAP."""
-        base, ref_artifact, ref_start = self.reference
         pct, tries = self.config.percentile, []
         for attempt in range(DRIFT_RETRIES + 1):
             if attempt:
-                self.log(f"  the reference ran {tries[-1]['drift'] - 1:+.0%} against the start of this run: the "
+                self.log(f"  the reference ran {tries[-1]['drift'] - 1:+.0%} against its median in this run: the "
                          f"device is in a slow phase; measuring again in {DRIFT_PAUSE_S:.0f} s "
                          f"({attempt} of {DRIFT_RETRIES})")
                 time.sleep(DRIFT_PAUSE_S)
             m, ref = self._on_device([self._measure_job(c, artifact, keep=True, per_layer=True),
-                                      self._measure_job(base, ref_artifact, keep=True, reference=True)])
+                                      self._measure_job(*self.reference, keep=True, reference=True)])
             if "error" in m:
                 raise FitError(f"the result could not be measured on '{self.device.name}': {m['error']}")
-            drift = ref[pct] / ref_start if "error" not in ref else None
-            tries.append({"start_ms": ref_start, "now_ms": ref.get(pct), "drift": drift, "result_ms": m[pct]})
+            drift = self._drift(ref)
+            tries.append({"now_ms": ref.get(pct), "drift": drift, "result_ms": m[pct]})
             passed = self._meets(m, scaled=False)
             timed = any(self._value(m, k) is not None and self._value(m, k) > v
                         for k, v in self.config.constraints().items() if k != "size_bytes")

@@ -52,7 +52,7 @@ class FitState:
         out.mkdir(parents=True, exist_ok=True)
         state = cls(path, {"schema": SCHEMA, "run": secrets.token_hex(6), "identity": identity,
                            "measurements": [], "builds_failed": {}, "checks": {}, "rounds": [],
-                           "scale": {}, "result": None})
+                           "scale": {}, "references": [], "result": None})
         state.save()
         return state
 
