@@ -25,7 +25,9 @@ The loop (DESIGN.md "fit"):
    run is the device's slow phase (a throttled board, a busy host), not the
    result's: the pair is measured again, up to
    ``DRIFT_RETRIES`` times, before the miss counts. A miss tightens the search's
-   budget and goes back to 4, ``verify_rounds`` at most;
+   budget and goes back to 4 with room for one more batch of measurements
+   beyond ``max_measurements`` (the tightened budget may exclude every
+   candidate measured so far), ``verify_rounds`` at most;
 7. ``OUT/artifact``, ``OUT/fit_result.json`` and ``OUT/report.html``.
 
 Everything measured is in the profile store and in ``OUT/state.json`` (rewritten
@@ -121,6 +123,7 @@ class FitRun:
         self.env: dict[str, Any] | None = None
         self.reference: tuple[Candidate, str] | None = None   # (the uncompressed model, its artifact)
         self.costs: LayerCosts | None = None
+        self.cap = config.max_measurements      # this run's own measurements, at most (see ``run``)
         self.executor = make_executor("inline")
 
     # ---- 1. preflight
@@ -178,6 +181,7 @@ class FitRun:
         self._sensitivity()
         self._initial_samples()
         for round_no in range(len(self.state.data["rounds"]), self.config.verify_rounds):
+            self.cap = self.config.max_measurements + round_no * self.config.batch
             self._explore()
             chosen = self._choose()
             if self._finalize(chosen, round_no):
@@ -299,12 +303,12 @@ class FitRun:
 
     def _explore(self) -> None:
         for _ in range(self.config.search_rounds):
-            if self._own() >= self.config.max_measurements:
+            if self._own() >= self.cap:
                 break
             models = self._fit_models()
             proposals = self._propose(models)
             adaptive = self._adaptive(models, proposals)
-            room = self.config.max_measurements - self._own()
+            room = self.cap - self._own()
             todo = list(dict.fromkeys(proposals[:max(1, self.config.batch - ADAPTIVE_PER_ROUND)] + adaptive))
             todo = [c for c in todo if c.key() not in self.state.measured_keys()][:room]
             if not todo:
@@ -313,7 +317,8 @@ class FitRun:
             self._measure(todo, f"search round ({self._own()} measured)")
 
     def _own(self) -> int:
-        """This run's device measurements (``max_measurements`` caps these; reused ones are free)."""
+        """This run's device measurements (``cap``: ``max_measurements`` and a batch more per verification
+        round after the first; reused ones are free)."""
         return sum(1 for m in self.state.valid() if not m.get("from_run"))
 
     def _memo(self, models: dict[str, LatencyModel], tighten: float = 1.0) -> Memo:
@@ -505,10 +510,10 @@ class FitRun:
     def _measure_line(self, c: Candidate, m: dict[str, Any]) -> str:
         n = self._own()
         if "error" in m:
-            return f"  [{n}/{self.config.max_measurements}] {c.key()}: measurement failed: {m['error']}"
+            return f"  [{n}/{self.cap}] {c.key()}: measurement failed: {m['error']}"
         est = "" if m["est_ap"] is None else f", est AP {m['est_ap']:.4f}"
         speed = self._speed(m)
-        return (f"  [{n}/{self.config.max_measurements}] {c.key()}: {self.config.percentile} "
+        return (f"  [{n}/{self.cap}] {c.key()}: {self.config.percentile} "
                 f"{m[self.config.percentile]:.3f} ms" + (f" ({m[self.config.percentile] / speed:.3f} at the typical "
                                                            "speed)" if speed != 1.0 else "")
                 + est + (" (held out)" if m["heldout"] else ""))

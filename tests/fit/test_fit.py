@@ -308,6 +308,40 @@ def test_a_batch_measured_in_a_slow_phase_counts_at_the_typical_speed(tiny_check
         assert h["raw_ms"] == pytest.approx(h["measured_ms"] * h["speed"]) and h["speed"] in (1.0, 1.5)
 
 
+def test_a_verification_round_after_a_miss_may_measure_a_batch_more(tiny_checkpoint, tiny_synth, devices,
+                                                                    tmp_path, monkeypatch):
+    """Round 0 spends every measurement (``max_measurements`` = the baselines and initial samples) and its
+    result misses: the tightened budget may exclude every candidate measured so far, so round 1 measures
+    up to one more batch before it chooses, and passes."""
+    from edge_compress.fit import run as run_mod
+
+    real, verifications = run_mod.FitRun._on_device, []
+
+    def on_device(self, jobs):
+        out = real(self, jobs)
+        if Path(jobs[0].artifact).parent.name.startswith("round"):
+            verifications.append(1)
+            if len(verifications) == 1:      # round 0: the result over the budget, the device at its speed
+                out = [{**out[0], "p50": 2000.0}, {**out[1], "p50": _typical_reference(self)}]
+        return out
+
+    monkeypatch.setattr(run_mod.FitRun, "_on_device", on_device)
+    small = dict(initial_samples=3, max_measurements=6, search_rounds=1, batch=2, check_candidates=0,
+                 measure_sessions=1)
+    res, lines = _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "profiles",
+                      budget_ms=1000.0, **small)
+    rounds = json.loads((res.out / STATE).read_text())["rounds"]
+    assert [r["passed"] for r in rounds] == [False, True]
+    tightened = next(i for i, s in enumerate(lines) if s.startswith("tightened the search budget"))
+
+    def searched(part):     # the search ran (and measured, or found every proposal measured already)
+        return any(s.startswith("search round") or "the search has converged" in s for s in part)
+
+    assert not searched(lines[:tightened]) and searched(lines[tightened:])      # no room in round 0; room in 1
+    own = [m for m in json.loads((res.out / STATE).read_text())["measurements"] if not m.get("from_run")]
+    assert 6 <= len(own) <= 6 + 2
+
+
 def test_measurements_of_another_candidate_build_are_stale(finished, tiny_checkpoint, tiny_synth, devices, tmp_path):
     """Every fit measurement records how its candidate was built (``CANDIDATE_BUILD``): when that changes
     (the same key builds another graph), a later fit marks the stored measurements stale, saying why."""
