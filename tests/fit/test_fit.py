@@ -215,6 +215,29 @@ def _typical_reference(run) -> float:
     return float(np.median([r["ms"] for r in run.state.data["references"]]))
 
 
+def _is_verification(jobs) -> bool:
+    """A result's verification (the round's artifact beside the reference), not a batch of candidates."""
+    return Path(jobs[0].artifact).parent.name.startswith("round")
+
+
+def _patch_verifications(monkeypatch, rewrite) -> list[int]:
+    """``FitRun._on_device`` with each verification's [result, reference] measurements passed through
+    ``rewrite(run, n, out)`` (n: 1 for the first verification); returns the numbers of those seen."""
+    from edge_compress.fit import run as run_mod
+
+    real, seen = run_mod.FitRun._on_device, []
+
+    def on_device(self, jobs):
+        out = real(self, jobs)
+        if _is_verification(jobs):
+            seen.append(len(seen) + 1)
+            out = rewrite(self, seen[-1], out)
+        return out
+
+    monkeypatch.setattr(run_mod.FitRun, "_on_device", on_device)
+    return seen
+
+
 def test_a_miss_in_a_slow_phase_of_the_device_is_measured_again(tiny_checkpoint, tiny_synth, devices, tmp_path,
                                                                  monkeypatch):
     """The result is verified beside the reference (the uncompressed model, also measured at the start and
@@ -225,21 +248,15 @@ def test_a_miss_in_a_slow_phase_of_the_device_is_measured_again(tiny_checkpoint,
     from edge_compress.fit import run as run_mod
 
     monkeypatch.setattr(run_mod, "DRIFT_PAUSE_S", 0.0)
-    real, verifications = run_mod.FitRun._on_device, []
 
-    def on_device(self, jobs):
-        out = real(self, jobs)
-        if Path(jobs[0].artifact).parent.name.startswith("round"):     # a verification: result + reference
-            verifications.append(len(verifications))
-            if len(verifications) == 1:      # round 0: the result alone over the budget
-                out = [{**out[0], "p50": 2000.0}, {**out[1], "p50": _typical_reference(self)}]
-            elif len(verifications) == 2:    # round 1, first try: everything 2x slow
-                out = [{**out[0], "p50": 2000.0}, {**out[1], "p50": 2 * _typical_reference(self)}]
-            else:                            # the device back to speed
-                out = [out[0], {**out[1], "p50": _typical_reference(self)}]
-        return out
+    def rewrite(run, n, out):
+        if n == 1:      # round 0: the result alone over the budget
+            return [{**out[0], "p50": 2000.0}, {**out[1], "p50": _typical_reference(run)}]
+        if n == 2:      # round 1, first try: everything 2x slow
+            return [{**out[0], "p50": 2000.0}, {**out[1], "p50": 2 * _typical_reference(run)}]
+        return [out[0], {**out[1], "p50": _typical_reference(run)}]      # the device back to speed
 
-    monkeypatch.setattr(run_mod.FitRun, "_on_device", on_device)
+    verifications = _patch_verifications(monkeypatch, rewrite)
     small = dict(initial_samples=2, max_measurements=8, search_rounds=1, batch=2, check_candidates=0,
                  measure_sessions=1)
     res, lines = _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "profiles",
@@ -277,7 +294,7 @@ def test_a_batch_measured_in_a_slow_phase_counts_at_the_typical_speed(tiny_check
 
     def on_device(self, jobs):
         out = real(self, jobs)
-        if self.reference is None or Path(jobs[0].artifact).parent.name.startswith("round"):
+        if self.reference is None or _is_verification(jobs):
             return out                               # the probe, a verification
         assert jobs[-1].key == self.space.baseline().key() and jobs[-1].extra["reference"]
         batches.append([j.key for j in jobs[:-1]])
@@ -313,19 +330,10 @@ def test_a_verification_round_after_a_miss_may_measure_a_batch_more(tiny_checkpo
     """Round 0 spends every measurement (``max_measurements`` = the baselines and initial samples) and its
     result misses: the tightened budget may exclude every candidate measured so far, so round 1 measures
     up to one more batch before it chooses, and passes."""
-    from edge_compress.fit import run as run_mod
+    def rewrite(run, n, out):       # round 0: the result over the budget, the device at its speed
+        return [{**out[0], "p50": 2000.0}, {**out[1], "p50": _typical_reference(run)}] if n == 1 else out
 
-    real, verifications = run_mod.FitRun._on_device, []
-
-    def on_device(self, jobs):
-        out = real(self, jobs)
-        if Path(jobs[0].artifact).parent.name.startswith("round"):
-            verifications.append(1)
-            if len(verifications) == 1:      # round 0: the result over the budget, the device at its speed
-                out = [{**out[0], "p50": 2000.0}, {**out[1], "p50": _typical_reference(self)}]
-        return out
-
-    monkeypatch.setattr(run_mod.FitRun, "_on_device", on_device)
+    _patch_verifications(monkeypatch, rewrite)
     small = dict(initial_samples=3, max_measurements=6, search_rounds=1, batch=2, check_candidates=0,
                  measure_sessions=1)
     res, lines = _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "profiles",
