@@ -35,6 +35,7 @@ import shutil
 import time
 import traceback
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -181,7 +182,10 @@ def file_measurement(job: MeasureJob, sessions: list[dict[str, Any]]) -> dict[st
         "sessions_note": f"the median of {len(sessions)} sessions, each in a fresh process (by p50): its "
                          "figures are this record's; the others' are listed here"}
     quiet = [s["quiet"] for s in sessions if "quiet" in s]
-    record = {**record, "fit": {"candidate": job.key, **job.extra, **({"quiet": quiet} if quiet else {})}}
+    # filed_utc: when filed, in the order of the batch's jobs (created_utc is the median session's start,
+    # which interleaving puts in another order): a resumed fit recovers its measurements in this order
+    record = {**record, "fit": {"candidate": job.key, **job.extra, **({"quiet": quiet} if quiet else {}),
+                                "filed_utc": datetime.now(timezone.utc).isoformat(timespec="microseconds")}}
     path = ProfileStore(job.store).add(record)
     if not job.keep_model:
         drop_model_files(Path(job.artifact))

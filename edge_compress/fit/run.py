@@ -547,6 +547,9 @@ class FitRun:
 
         known = self.state.known_records()
         entries = ProfileStore(self.store).list(device=self.device.name, backend=self.backend)
+        # in the order filed (a batch's jobs' order), not by created_utc (its median session's start)
+        entries = sorted(entries, key=lambda e: str(e.record.get("fit", {}).get("filed_utc")
+                                                    or e.record.get("created_utc", "")))
         own = other = 0
         for e in entries:
             tag = e.record.get("fit", {})

@@ -159,9 +159,22 @@ def test_interrupted_run_loses_no_measurement(tiny_checkpoint, tiny_synth, devic
                                               monkeypatch):
     """Killed after the 5th measurement was filed in the store but before the state recorded it (with
     the rest of its batch, whose sessions are interleaved and filed together): the rerun recovers them
-    from the store and measures no candidate twice."""
+    from the store, in the order filed, and measures no candidate twice."""
+    from edge_compress.fit import measure as measure_mod
     from edge_compress.fit.state import FitState
 
+    real_file, filed = measure_mod.file_measurement, []
+
+    def started_backwards(job, sessions):
+        """Each record's median session started before the one filed before it's (interleaving can do
+        that: CI once recovered a batch's measurements in that order)."""
+        filed.append(job.key)
+        for s in sessions:
+            if "record" in s:
+                s["record"]["created_utc"] = f"2000-01-01T{23 - len(filed) // 60:02d}:{59 - len(filed) % 60:02d}:00"
+        return real_file(job, sessions)
+
+    monkeypatch.setattr(measure_mod, "file_measurement", started_backwards)
     real, calls = FitState.add_measurement, []
 
     def dies_on_fifth(self, m):
