@@ -576,14 +576,19 @@ class FitRun:
     def _meets(self, m: dict[str, Any], scaled: bool = True, every_session: bool = False) -> bool:
         """``m`` within the budget (``scaled``: the search budget, tightened after a miss); ``every_session``:
         each of its sessions' p50 too, not just their median (a p50 budget)."""
+        return not self._misses(m, scaled, every_session)
+
+    def _misses(self, m: dict[str, Any], scaled: bool = True, every_session: bool = False) -> list[str]:
+        """The constraints ``m`` misses (or has no value for), as ``_meets`` reads them."""
+        missed = []
         for name, limit in self.config.constraints().items():
             value = self._value(m, name)
             if every_session and name == "latency_ms" and self.config.percentile == "p50" and m.get("sessions_p50"):
                 value = max(m["sessions_p50"]) / self._speed(m)
             lim = limit * (self.state.data["scale"].get(name, 1.0) if scaled else 1.0)
             if value is None or value > lim:
-                return False
-        return True
+                missed.append(name)
+        return missed
 
     def _choose(self) -> Candidate:
         """The best estimated of the measured candidates within the budget. On a noisy device the best of
@@ -726,9 +731,8 @@ class FitRun:
                 raise FitError(f"the result could not be measured on '{self.device.name}': {m['error']}")
             drift = self._drift(ref)
             tries.append({"now_ms": ref.get(pct), "drift": drift, "result_ms": m[pct]})
-            passed = self._meets(m, scaled=False)
-            timed = any(self._value(m, k) is not None and self._value(m, k) > v
-                        for k, v in self.config.constraints().items() if k != "size_bytes")
+            missed = self._misses(m, scaled=False)
+            passed, timed = not missed, bool(set(missed) - {"size_bytes"})
             if passed or not timed or drift is None or drift <= 1.0 + DRIFT:
                 break
         else:   # every try missed in a slow phase
