@@ -134,11 +134,13 @@ def measure_uniform_artifact(path: Path, devices: Path, store: Path, threads: in
 def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dict[str, Any], work: Path,
              devices: Path, store: Path, sensitivity: Path | None) -> dict[str, Any]:
     from edge_compress.fit import FitConfig, FitError, fit
+    from edge_compress.fit.measure import CANDIDATE_BUILD
     from edge_compress.fit.space import SearchSpace
     from edge_compress.train import load_detector
 
     space = SearchSpace(load_detector(ckpt), FitConfig(budget_ms=1.0).ratios)
-    tag = {"run": "bench", "space": space.fingerprint()}
+    # tagged as the fit's own measurements of these candidates (same space, same build): its baselines
+    tag = {"run": "bench", "space": space.fingerprint(), "build": CANDIDATE_BUILD}
     sessions = settings["measure_sessions"]
     base = dict(zip((False, True), (m["p50"] for m in measure_uniforms(
         ckpt, data, space, backend, [(0.0, False), (0.0, True)], work, devices, store, args.threads,
