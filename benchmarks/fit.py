@@ -8,7 +8,8 @@ For every family and backend, on the ``local`` device at ``--threads`` (default 
 
 1. the fp32 and int8 (every conv) latencies of the unpruned model are measured;
    the budgets are ``int8 + f * (fp32 - int8)`` for f in ``--fractions`` (the
-   issue's range) and ``g * int8`` for g in ``--below`` (budgets that need pruning);
+   issue's range) and ``g * int8`` for g in ``--below`` (budgets that need pruning;
+   raised to ``FLOOR_MARGIN`` x the most pruned int8 candidate's latency where under it);
 2. ``fit`` runs once per budget (the sensitivity of the family's first run, for
    every backend, and every measurement in the shared profile store are reused by
    the next ones); every latency, the baselines' too, is the median of 3
@@ -48,6 +49,7 @@ from backends import cpu_name, full_checkpoints, quick_checkpoints  # noqa: E402
 
 UNIFORM_GRID = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 QUICK_GRID = (0.0, 0.25, 0.5, 0.75)
+FLOOR_MARGIN = 1.1    # a below-int8 budget stays this far above the most pruned int8 candidate's latency
 FULL = dict(sensitivity_images=64, initial_samples=8, max_measurements=20, search_rounds=3, batch=5,
             check_candidates=1, check_epochs=1, finetune_epochs=2, verify_rounds=3, profile_seconds=8.0,
             measure_sessions=3)
@@ -146,14 +148,15 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
         ckpt, data, space, backend, [(0.0, False), (0.0, True)], work, devices, store, args.threads,
         [{**tag, "candidate_dict": space.uniform(0.0, q).to_dict()} for q in (False, True)], settings,
         per_layer=True))))
-    lo, hi = sorted((base[True], base[False]))
-    budgets = [("between", lo + f * (hi - lo)) for f in args.fractions] + [("below", g * base[True])
-                                                                           for g in args.below]
-    print(f"\n{fam} / {backend}: fp32 {base[False]:.3f} ms, int8 {base[True]:.3f} ms; budgets "
-          + ", ".join(f"{b:.3f}" for _, b in budgets), flush=True)
     ratios = QUICK_GRID if args.quick else UNIFORM_GRID
     grid = measure_uniforms(ckpt, data, space, backend, [(r, True) for r in ratios], work, devices, store,
                             args.threads, [{"run": "bench-uniform"}] * len(ratios), settings)
+    lo, hi = sorted((base[True], base[False]))
+    budgets = [("between", lo + f * (hi - lo)) for f in args.fractions] + below_budgets(
+        base[True], grid[-1]["p50"], args.below)
+    print(f"\n{fam} / {backend}: fp32 {base[False]:.3f} ms, int8 {base[True]:.3f} ms, uniform "
+          f"{grid[-1]['ratio']:g} int8 (the search space's floor) {grid[-1]['p50']:.3f} ms; budgets "
+          + ", ".join(f"{b:.3f}" for _, b in budgets), flush=True)
     rows, sens = [], sensitivity
     for i, (kind, budget) in enumerate(budgets):
         out = args.out / fam / backend / f"budget{i}-{budget:.3f}ms"
@@ -186,6 +189,24 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
         print_row(rows[-1])
     return {"fp32_ms": base[False], "int8_ms": base[True], "rows": rows,
             "sensitivity": str(sens) if sens and Path(sens).is_file() else None}
+
+
+def below_budgets(int8_ms: float, floor_ms: float, factors: list[float]) -> list[tuple[str, float]]:
+    """Budgets ``g * int8_ms`` that need pruning; one under ``FLOOR_MARGIN`` x the search space's floor
+    (its most pruned int8 candidate, measured in the uniform grid) is raised to that, and dropped where
+    that is not below int8: ``fit`` refuses a budget under the floor (a clear error, not a fit to count)."""
+    out = []
+    for g in factors:
+        b = g * int8_ms
+        if b < FLOOR_MARGIN * floor_ms:
+            b = FLOOR_MARGIN * floor_ms
+            print(f"  below budget {g:g} x int8 = {g * int8_ms:.3f} ms is under {FLOOR_MARGIN:g} x the floor "
+                  f"{floor_ms:.3f} ms: {b:.3f} ms" + ("" if b < int8_ms else " is not below int8; dropped"),
+                  flush=True)
+            if b >= int8_ms:
+                continue
+        out.append(("below", b))
+    return out
 
 
 def print_row(r: dict[str, Any]) -> None:
@@ -231,7 +252,8 @@ def summary(results: dict[str, Any], quick: bool, threads: int, settings: dict[s
             "predictor_within_10pct": sum(within) / len(within) if within else None, "predictor_heldout_n": len(held),
             "predictor_within_10pct_raw": sum(raw) / len(raw) if raw else None,
             "measurement_session_within_10pct": _pooled_repeatability(
-                [pair["rows"][-1] for fam in results.values() for pair in fam.values() if pair["rows"]]),
+                [[r for r in pair["rows"] if r.get("measurement")][-1] for fam in results.values()
+                 for pair in fam.values() if any(r.get("measurement") for r in pair["rows"])]),
             "ap_gain_vs_uniform": gains,
             "min_gain_between_points": min(between) if between else None,
             "goals": GOALS,
