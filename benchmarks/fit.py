@@ -152,10 +152,14 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
     grid = measure_uniforms(ckpt, data, space, backend, [(r, True) for r in ratios], work, devices, store,
                             args.threads, [{"run": "bench-uniform"}] * len(ratios), settings)
     lo, hi = sorted((base[True], base[False]))
+    # the search space's floor: every knob at its largest ratio, int8 (in the grid where the fit's ratios are)
+    top = max(settings.get("ratios", FitConfig(budget_ms=1.0).ratios))
+    floor = next((g for g in grid if g["ratio"] == top), grid[-1])
     budgets = [("between", lo + f * (hi - lo)) for f in args.fractions] + below_budgets(
-        base[True], grid[-1]["p50"], args.below)
+        base[True], floor["p50"], args.below)
     print(f"\n{fam} / {backend}: fp32 {base[False]:.3f} ms, int8 {base[True]:.3f} ms, uniform "
-          f"{grid[-1]['ratio']:g} int8 (the search space's floor) {grid[-1]['p50']:.3f} ms; budgets "
+          f"{floor['ratio']:g} int8 {floor['p50']:.3f} ms" + (" (the search space's floor)" if floor["ratio"] == top
+                                                             else "") + "; budgets "
           + ", ".join(f"{b:.3f}" for _, b in budgets), flush=True)
     rows, sens = [], sensitivity
     for i, (kind, budget) in enumerate(budgets):
