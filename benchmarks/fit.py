@@ -140,7 +140,8 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
     from edge_compress.fit.space import SearchSpace
     from edge_compress.train import load_detector
 
-    space = SearchSpace(load_detector(ckpt), FitConfig(budget_ms=1.0).ratios)
+    default_ratios = FitConfig(budget_ms=1.0).ratios
+    space = SearchSpace(load_detector(ckpt), default_ratios)
     # tagged as the fit's own measurements of these candidates (same space, same build): its baselines
     tag = {"run": "bench", "space": space.fingerprint(), "build": CANDIDATE_BUILD}
     sessions = settings["measure_sessions"]
@@ -153,7 +154,7 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
                             args.threads, [{"run": "bench-uniform"}] * len(ratios), settings)
     lo, hi = sorted((base[True], base[False]))
     # the search space's floor: every knob at its largest ratio, int8 (in the grid where the fit's ratios are)
-    top = max(settings.get("ratios", FitConfig(budget_ms=1.0).ratios))
+    top = max(settings.get("ratios", default_ratios))
     floor = next((g for g in grid if g["ratio"] == top), grid[-1])
     budgets = [("between", lo + f * (hi - lo)) for f in args.fractions] + below_budgets(
         base[True], floor["p50"], args.below)
@@ -251,13 +252,15 @@ def summary(results: dict[str, Any], quick: bool, threads: int, settings: dict[s
         gains.setdefault(r["family"], {})[f"{r['backend']} {r['budget_ms']:.3f} ms ({r['kind']})"] = \
             round(r["gain_points"], 3)
     between = [r.get("gain_points", float("-inf")) for r in rows if r["kind"] == "between"]
+    # per family/backend, its last fit with measurements (a refused budget has none)
+    last_measured = [next((r for r in reversed(pair["rows"]) if r.get("measurement")), None)
+                     for fam in results.values() for pair in fam.values()]
     return {"quick": quick, "cpu": cpu_name(), "threads": threads, "settings": settings,
             "violations": sum(r["violation"] for r in rows), "budgets": len(rows),
             "predictor_within_10pct": sum(within) / len(within) if within else None, "predictor_heldout_n": len(held),
             "predictor_within_10pct_raw": sum(raw) / len(raw) if raw else None,
             "measurement_session_within_10pct": _pooled_repeatability(
-                [[r for r in pair["rows"] if r.get("measurement")][-1] for fam in results.values()
-                 for pair in fam.values() if any(r.get("measurement") for r in pair["rows"])]),
+                [r for r in last_measured if r is not None]),
             "ap_gain_vs_uniform": gains,
             "min_gain_between_points": min(between) if between else None,
             "goals": GOALS,
