@@ -17,10 +17,15 @@ offsets are where a detector loses most (yolo_tiny, percentile calibration:
 AP 0.683 fp32, 0.663 all-int8, 0.679 with the two output convs in fp32);
 and any layer the user keeps in fp32. A float conv keeps its neighbours float too
 (``float_neighbours``): the activation, pooling, residual Add and SE Mul that it
-feeds (or, at the graph's input, that feed it) get no Q/DQ. Quantizing them would
-put a quantize/dequantize pair and a layout reorder around every elementwise op
-of a float region: on OpenVINO an ssdlite with 2 of 62 convs in int8 and the rest
-float ran 6.4 ms, against 4.6 ms for the same model all float.
+feeds, or that feed it, get no Q/DQ. Quantizing what a float conv feeds would put
+a quantize/dequantize pair and a layout reorder around every elementwise op of a
+float region: on OpenVINO an ssdlite with 2 of 62 convs in int8 and the rest float
+ran 6.4 ms, against 4.6 ms for the same model all float. Quantizing what feeds a
+float conv leaves ONNX Runtime an int8 op whose consumer is float, which it keeps
+in NCHW and runs with its slow uint8 NCHW kernel: a pruned yolo_tiny with one
+fp32 conv of 19 ran 5.3 ms with the MaxPool, Concat and activations before that
+conv in int8 (a uint8 MaxPool on 1x64x80x80 alone took 1.56 ms), 3.7 ms with
+them float, against 2.8 ms all int8; OpenVINO ran both graphs alike (2.4 ms).
 """
 
 from __future__ import annotations
@@ -77,9 +82,11 @@ def output_convs(model) -> set[str]:
 
 def float_neighbours(model, float_compute: set[str]) -> set[str]:
     """The nodes other than Conv/Gemm/MatMul that run beside a float conv: those whose nearest compute
-    producers (through any chain of other nodes; with none, their nearest compute consumers) include one of
+    producers or nearest compute consumers (through any chain of other nodes) include one of
     ``float_compute``. A residual Add or a Concat joining an int8 and a float branch is among them: its
-    float input would be quantized only to be dequantized again."""
+    float input would be quantized only to be dequantized again; so is the activation, pool or Concat
+    between an int8 conv and a float one (the int8 conv's output is quantized and dequantized once,
+    before them)."""
     nodes = list(model.graph.node)
     producer = {o: n for n in nodes for o in n.output}
     consumers: dict[str, list] = {}
@@ -100,7 +107,7 @@ def float_neighbours(model, float_compute: set[str]) -> set[str]:
     for n in reversed(nodes):
         down[n.name] = nearest(n, down, lambda n: [c for o in n.output for c in consumers.get(o, [])])
     return {n.name for n in nodes if n.op_type not in QUANTIZED_OPS
-            and (up[n.name] or down[n.name]) & float_compute}
+            and (up[n.name] | down[n.name]) & float_compute}
 
 
 def quantize_onnx(fp32_onnx: Path, table: CalibrationTable, out: Path, *, keep_fp32: Sequence[str] = (),

@@ -107,11 +107,25 @@ def test_keep_fp32_and_unknown_names(graph, tmp_path):
         quantize_onnx(path, table, tmp_path / "q2.onnx", keep_fp32=["/no/such/Conv"])
 
 
+def _feeding(m, conv: str) -> set[str]:
+    """The non-compute nodes on the way into ``conv`` back to the nearest compute producers."""
+    producer = {o: n for n in m.graph.node for o in n.output}
+    todo, found = [next(n for n in m.graph.node if n.name == conv)], set()
+    while todo:
+        for i in todo.pop().input:
+            p = producer.get(i)
+            if p is not None and p.op_type not in ("Conv", "Gemm", "MatMul") and p.name not in found:
+                found.add(p.name)
+                todo.append(p)
+    return found
+
+
 def test_a_float_conv_keeps_its_neighbours_float(graph, tmp_path, monkeypatch):
     """The activation beside a conv kept in fp32 gets no Q/DQ (a float region stays float: a quantize/
     dequantize pair and a reorder around each of its elementwise ops is what OpenVINO ran slower than the
-    whole model in fp32); an int8 conv's activation stays quantized; with no conv kept, nothing but the
-    head's plumbing after the float output convs is left out."""
+    whole model in fp32), nor do the nodes that feed it (ONNX Runtime runs an int8 pool feeding a float
+    conv in its slow NCHW kernel); an int8 conv's activation stays quantized; with no conv kept, nothing
+    but the head's plumbing and what feeds the float output convs is left out."""
     from edge_compress.quant import qdq
 
     _, path, table = graph
@@ -121,9 +135,13 @@ def test_a_float_conv_keeps_its_neighbours_float(graph, tmp_path, monkeypatch):
     kept_out = next(n for n in m.graph.node if n.name == keep).output[0]
     act = next(n for n in m.graph.node if kept_out in n.input)
     beside = float_neighbours(m, {keep})
+    feeding = _feeding(m, keep)
     assert act.op_type == "LeakyRelu" and act.name in beside
+    assert feeding and feeding <= beside
     assert all(n.op_type not in ("Conv", "Gemm", "MatMul") for n in m.graph.node if n.name in beside)
-    assert float_neighbours(m, output_convs(m)) <= tail_nodes(m)  # all-int8: as before
+    heads = output_convs(m)
+    into_heads = set().union(*(_feeding(m, c) for c in heads))
+    assert float_neighbours(m, heads) == tail_nodes(m) | into_heads     # all-int8
 
     def quantized(out):
         q = onnx.load(str(quantize_onnx(path, table, tmp_path / out, keep_fp32=[keep]).path))
@@ -132,6 +150,8 @@ def test_a_float_conv_keeps_its_neighbours_float(graph, tmp_path, monkeypatch):
     q, producer = quantized("q.onnx")
     q_act = next(n for n in q.graph.node if n.name == act.name)
     assert producer[q_act.input[0]].name == keep                # the float conv's output, not dequantized
+    q_keep = next(n for n in q.graph.node if n.name == keep)
+    assert producer[q_keep.input[0]].name in feeding            # a float input, not a dequantized one
     int8_act = [n for n in q.graph.node if n.op_type == "LeakyRelu" and n.name not in beside]
     assert int8_act and all(producer[n.input[0]].op_type == "DequantizeLinear" for n in int8_act)
     monkeypatch.setattr(qdq, "float_neighbours", lambda model, float_compute: set())     # the old rule
