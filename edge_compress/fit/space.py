@@ -331,7 +331,7 @@ def _upstream(tensor: str, producer: dict, inits: set[str], module_of: dict[str,
     found, seen, stack = set(), set(), [tensor]
     while stack:
         t = stack.pop()
-        if t in seen or t in inits:
+        if not t or t in seen or t in inits:     # "": an optional input left out (a Resize's roi)
             continue
         seen.add(t)
         node = producer.get(t)

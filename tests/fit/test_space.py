@@ -102,6 +102,8 @@ def test_precision_boundaries_follow_the_graph(model):
     space = SearchSpace(model)
     first = next(iter(space.convs))
     assert space.producers[first] == (INPUT,)
+    # only the stem reads the image (a Resize's empty optional input, roi "", is no graph input)
+    assert [n for n, p in space.producers.items() if INPUT in p] == [first]
     assert all(space.producers[n] for n in space.convs)
     fp32 = space.layers(space.baseline())
     assert not any(r.boundary_in_elems or r.boundary_out_elems for r in fp32)
