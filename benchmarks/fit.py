@@ -140,21 +140,28 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
     from edge_compress.fit.space import SearchSpace
     from edge_compress.train import load_detector
 
-    default_ratios = FitConfig(budget_ms=1.0).ratios
-    space = SearchSpace(load_detector(ckpt), default_ratios)
+    # the fit's own space (quick mode searches ratios (0, 0.5) with every conv int8), so its fingerprint matches
+    cfg = FitConfig(budget_ms=1.0, **{k: settings[k] for k in ("ratios", "precision") if k in settings})
+    space = SearchSpace(load_detector(ckpt), cfg.ratios, ("fp32", "int8"), cfg.round_to, cfg.min_channels,
+                        int8_everywhere=cfg.precision == "int8")
     # tagged as the fit's own measurements of these candidates (same space, same build): its baselines
     tag = {"run": "bench", "space": space.fingerprint(), "build": CANDIDATE_BUILD}
+
+    def baseline_tag(int8: bool) -> dict[str, Any]:
+        if space.int8_everywhere and not int8:    # fp32 is no candidate of this space (its key would be int8's)
+            return {"run": "bench"}
+        return {**tag, "candidate_dict": space.uniform(0.0, int8).to_dict()}
+
     sessions = settings["measure_sessions"]
     base = dict(zip((False, True), (m["p50"] for m in measure_uniforms(
         ckpt, data, space, backend, [(0.0, False), (0.0, True)], work, devices, store, args.threads,
-        [{**tag, "candidate_dict": space.uniform(0.0, q).to_dict()} for q in (False, True)], settings,
-        per_layer=True))))
+        [baseline_tag(q) for q in (False, True)], settings, per_layer=True))))
     ratios = QUICK_GRID if args.quick else UNIFORM_GRID
     grid = measure_uniforms(ckpt, data, space, backend, [(r, True) for r in ratios], work, devices, store,
                             args.threads, [{"run": "bench-uniform"}] * len(ratios), settings)
     lo, hi = sorted((base[True], base[False]))
     # the search space's floor: every knob at its largest ratio, int8 (in the grid where the fit's ratios are)
-    top = max(settings.get("ratios", default_ratios))
+    top = max(cfg.ratios)
     floor = next((g for g in grid if g["ratio"] == top), grid[-1])
     budgets = [("between", lo + f * (hi - lo)) for f in args.fractions] + below_budgets(
         base[True], floor["p50"], args.below)
