@@ -69,6 +69,17 @@ class OnnxRuntimeBackend:
         return parse_ort_profile(events, warmup)
 
 
+# Graph optimizers that would run a QDQ graph otherwise than exported (an older runtime ignores the names):
+# - WeightBiasQuantization (ONNX Runtime >= 1.20) quantizes, per tensor, the float weights of a conv that sits
+#   between a DequantizeLinear and a QuantizeLinear, so a layer the export kept in fp32 (keep_fp32) inside an
+#   int8 graph ran as an int8 QLinearConv;
+# - QDQPropagationTransformer moves a QuantizeLinear up across a MaxPool (or Reshape, Transpose) the export
+#   left float, beside a float conv: the pool then runs on uint8 in NCHW, whose kernel is slow (yolo_tiny's
+#   1x64x80x80 MaxPool 1.5 ms, against 0.06 ms in fp32; candidates with 2-5 fp32 convs of 19 ran 0.4-3.0 ms
+#   slower, some slower than all fp32). Our QDQ graphs put Q/DQ where they belong; nothing is left to move.
+DISABLED_OPTIMIZERS = ("WeightBiasQuantization", "QDQPropagationTransformer")
+
+
 class OrtRunner:
     """One InferenceSession; batches larger than the model's static batch run image by image."""
 
@@ -88,12 +99,8 @@ class OrtRunner:
         if not Path(path).is_file():
             raise ArtifactError(f"model file '{path}' does not exist")
         try:
-            # WeightBiasQuantization (ONNX Runtime >= 1.20) quantizes, per tensor, the float weights of a conv
-            # that sits between a DequantizeLinear and a QuantizeLinear, so a layer the export kept in fp32
-            # (keep_fp32) inside an int8 graph ran as an int8 QLinearConv; off, it runs in fp32 as exported.
-            # (An older runtime ignores the name.)
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
-                                                disabled_optimizers=["WeightBiasQuantization"])
+                                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
             raise ArtifactError(f"onnxruntime cannot load '{path}' ({type(e).__name__}: {str(e)[:200]}); "
                                 "the file is corrupt or truncated: export it again") from e

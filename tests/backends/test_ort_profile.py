@@ -68,3 +68,35 @@ def test_a_conv_kept_in_fp32_runs_in_fp32_inside_an_int8_graph(tmp_path):
     ops = [t.op_type for t in get_backend("onnxruntime").profile_layers(art, x, repeats=2, warmup=1)]
     assert ops.count("QLinearConv") == len(r.quantized) and len(r.quantized) < len(convs) - 1
     assert ops.count("Conv") + ops.count("FusedConv") == len(convs) - len(r.quantized)
+
+
+def test_a_pool_left_float_runs_float(tmp_path):
+    """A MaxPool the QDQ graph leaves float (it reads a float conv's output) stays float: ONNX Runtime's
+    QDQPropagationTransformer would move the QuantizeLinear of the int8 conv it feeds above it, and run it on
+    uint8 in NCHW, a slow kernel; the runner turns that optimizer off. Outputs are the same either way."""
+    import json
+    from pathlib import Path
+
+    import onnx
+
+    from edge_compress.backends.ort import OrtRunner
+    from edge_compress.quant import QuantConfig, calibrate
+    from edge_compress.quant.qdq import float_neighbours, quantize_onnx
+
+    torch.manual_seed(0)
+    model = create_detector("yolo_tiny", num_classes=3, input_size=64, width_mult=0.25).eval()
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx")
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    table = calibrate(fp32, [x], QuantConfig(calibrator="minmax"))
+    g = onnx.load(str(fp32))
+    convs = [n.name for n in g.graph.node if n.op_type == "Conv"]
+    kept = convs[2]                           # backbone.stage3.conv1: one input of the Concat before the pool
+    pool = next(n.name for n in g.graph.node if n.op_type == "MaxPool" and "stage3" in n.name)
+    assert pool in float_neighbours(g, {kept})
+    quantize_onnx(fp32, table, tmp_path / "q.onnx", keep_fp32=[kept])
+    runner = OrtRunner(tmp_path / "q.onnx", 1, profile_prefix=str(tmp_path / "trace"))
+    runner(x)
+    events = json.loads(Path(runner.session.end_profiling()).read_text())
+    args = [e["args"] for e in events if e.get("cat") == "Node" and e["name"].startswith(pool)
+            and e["args"].get("op_name") == "MaxPool"]
+    assert args and {t for a in args for shape in a["input_type_shape"] for t in shape} == {"float"}
