@@ -80,13 +80,15 @@ def output_convs(model) -> set[str]:
             and all(o in graph_out or (consumers.get(o) and set(consumers[o]) <= tail) for o in n.output)}
 
 
-def float_neighbours(model, float_compute: set[str]) -> set[str]:
+def float_neighbours(model, float_compute: set[str], fed: set[str] | None = None) -> set[str]:
     """The nodes other than Conv/Gemm/MatMul that run beside a float conv: those whose nearest compute
-    producers or nearest compute consumers (through any chain of other nodes) include one of
-    ``float_compute``. A residual Add or a Concat joining an int8 and a float branch is among them: its
-    float input would be quantized only to be dequantized again; so is the activation, pool or Concat
-    between an int8 conv and a float one (the int8 conv's output is quantized and dequantized once,
-    before them)."""
+    producers (through any chain of other nodes) include one of ``float_compute``, and those whose nearest
+    compute consumers include one of ``fed`` (default: all of ``float_compute``; at the graph's input, with
+    no compute producer, any of ``float_compute``). A residual Add or a Concat joining an int8 and a float
+    branch is among them: its float input would be quantized only to be dequantized again; so is the
+    activation, pool or Concat between an int8 conv and a float one of ``fed`` (the int8 conv's output is
+    quantized and dequantized once, before them)."""
+    fed = float_compute if fed is None else fed
     nodes = list(model.graph.node)
     producer = {o: n for n in nodes for o in n.output}
     consumers: dict[str, list] = {}
@@ -107,7 +109,7 @@ def float_neighbours(model, float_compute: set[str]) -> set[str]:
     for n in reversed(nodes):
         down[n.name] = nearest(n, down, lambda n: [c for o in n.output for c in consumers.get(o, [])])
     return {n.name for n in nodes if n.op_type not in QUANTIZED_OPS
-            and (up[n.name] | down[n.name]) & float_compute}
+            and (up[n.name] & float_compute or down[n.name] & (fed if up[n.name] else float_compute))}
 
 
 def quantize_onnx(fp32_onnx: Path, table: CalibrationTable, out: Path, *, keep_fp32: Sequence[str] = (),
@@ -138,7 +140,9 @@ def quantize_onnx(fp32_onnx: Path, table: CalibrationTable, out: Path, *, keep_f
     ranges = TensorsData(CalibrationMethod.MinMax, {
         k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in table.ranges.items()})
     float_compute = set(keep_fp32) | (set() if quantize_outputs else output_convs(model))
-    exclude = sorted(tail_nodes(model) | float_compute | float_neighbours(model, float_compute))
+    # the head's output convs read their producers' int8 output dequantized, as in the LiteRT and TensorRT
+    # graphs (the activation before them stays in its int8 kernel; all-int8 graphs are as before)
+    exclude = sorted(tail_nodes(model) | float_compute | float_neighbours(model, float_compute, set(keep_fp32)))
     act = QuantType.QInt8 if symmetric_activations else QuantType.QUInt8
     extra = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True}
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT's pre-process advice

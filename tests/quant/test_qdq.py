@@ -125,7 +125,7 @@ def test_a_float_conv_keeps_its_neighbours_float(graph, tmp_path, monkeypatch):
     dequantize pair and a reorder around each of its elementwise ops is what OpenVINO ran slower than the
     whole model in fp32), nor do the nodes that feed it (ONNX Runtime runs an int8 pool feeding a float
     conv in its slow NCHW kernel); an int8 conv's activation stays quantized; with no conv kept, nothing
-    but the head's plumbing and what feeds the float output convs is left out."""
+    but the head's plumbing after the float output convs is left out (what feeds them stays int8)."""
     from edge_compress.quant import qdq
 
     _, path, table = graph
@@ -141,7 +141,8 @@ def test_a_float_conv_keeps_its_neighbours_float(graph, tmp_path, monkeypatch):
     assert all(n.op_type not in ("Conv", "Gemm", "MatMul") for n in m.graph.node if n.name in beside)
     heads = output_convs(m)
     into_heads = set().union(*(_feeding(m, c) for c in heads))
-    assert float_neighbours(m, heads) == tail_nodes(m) | into_heads     # all-int8
+    assert float_neighbours(m, heads) == tail_nodes(m) | into_heads
+    assert float_neighbours(m, heads, set()) <= tail_nodes(m)      # all-int8 (quantize_onnx): as before
 
     def quantized(out):
         q = onnx.load(str(quantize_onnx(path, table, tmp_path / out, keep_fp32=[keep]).path))
@@ -154,7 +155,7 @@ def test_a_float_conv_keeps_its_neighbours_float(graph, tmp_path, monkeypatch):
     assert producer[q_keep.input[0]].name in feeding            # a float input, not a dequantized one
     int8_act = [n for n in q.graph.node if n.op_type == "LeakyRelu" and n.name not in beside]
     assert int8_act and all(producer[n.input[0]].op_type == "DequantizeLinear" for n in int8_act)
-    monkeypatch.setattr(qdq, "float_neighbours", lambda model, float_compute: set())     # the old rule
+    monkeypatch.setattr(qdq, "float_neighbours", lambda model, float_compute, fed=None: set())  # no rule
     old, _ = quantized("old.onnx")
     count = [sum(n.op_type == "QuantizeLinear" for n in g.graph.node) for g in (q, old)]
     assert count[0] < count[1]
