@@ -140,8 +140,8 @@ def quantize_onnx(fp32_onnx: Path, table: CalibrationTable, out: Path, *, keep_f
     ranges = TensorsData(CalibrationMethod.MinMax, {
         k: TensorData(lowest=np.float32(lo), highest=np.float32(hi)) for k, (lo, hi) in table.ranges.items()})
     float_compute = set(keep_fp32) | (set() if quantize_outputs else output_convs(model))
-    # the head's output convs read their producers' int8 output dequantized, as in the LiteRT and TensorRT
-    # graphs (the activation before them stays in its int8 kernel; all-int8 graphs are as before)
+    # the head's output convs read their producers' int8 output dequantized, as LiteRT's graph does (the
+    # activation before them stays in its int8 kernel; all-int8 graphs are as before build 3)
     exclude = sorted(tail_nodes(model) | float_compute | float_neighbours(model, float_compute, set(keep_fp32)))
     act = QuantType.QInt8 if symmetric_activations else QuantType.QUInt8
     extra = {"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True}
