@@ -46,20 +46,27 @@ def test_real_profile_of_an_exported_detector(tmp_path):
         ort_backend.profile_layers(tmp_path, x, repeats=0)
 
 
-def test_a_conv_kept_in_fp32_runs_in_fp32_inside_an_int8_graph(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_fp32(tmp_path_factory):
+    """A small yolo_tiny's fp32 ONNX, one input and its calibration table."""
+    from edge_compress.quant import QuantConfig, calibrate
+
+    torch.manual_seed(0)
+    model = create_detector("yolo_tiny", num_classes=3, input_size=64, width_mult=0.25).eval()
+    fp32 = export_onnx(model, tmp_path_factory.mktemp("ort_qdq") / "fp32.onnx")
+    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    return fp32, x, calibrate(fp32, [x], QuantConfig(calibrator="minmax"))
+
+
+def test_a_conv_kept_in_fp32_runs_in_fp32_inside_an_int8_graph(tiny_fp32, tmp_path):
     """ONNX Runtime's WeightBiasQuantization would quantize the float weights of a conv between a
     DequantizeLinear and a QuantizeLinear and run it as QLinearConv; the runner turns it off, so a
     ``keep_fp32`` layer runs in float and every other conv in int8."""
     import onnx
 
-    from edge_compress.quant import QuantConfig, calibrate
     from edge_compress.quant.qdq import quantize_onnx
 
-    torch.manual_seed(0)
-    model = create_detector("yolo_tiny", num_classes=3, input_size=64, width_mult=0.25).eval()
-    fp32 = export_onnx(model, tmp_path / "fp32.onnx")
-    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
-    table = calibrate(fp32, [x], QuantConfig(calibrator="minmax"))
+    fp32, x, table = tiny_fp32
     convs = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "Conv"]
     kept = convs[3]                                          # mid-backbone: DequantizeLinear in, QuantizeLinear out
     art = tmp_path / "art"
@@ -70,24 +77,19 @@ def test_a_conv_kept_in_fp32_runs_in_fp32_inside_an_int8_graph(tmp_path):
     assert ops.count("Conv") + ops.count("FusedConv") == len(convs) - len(r.quantized)
 
 
-def test_a_pool_left_float_runs_float(tmp_path):
+def test_a_pool_left_float_runs_float(tiny_fp32, tmp_path):
     """A MaxPool the QDQ graph leaves float (it reads a float conv's output) stays float: ONNX Runtime's
     QDQPropagationTransformer would move the QuantizeLinear of the int8 conv it feeds above it, and run it on
-    uint8 in NCHW, a slow kernel; the runner turns that optimizer off. Outputs are the same either way."""
+    uint8 in NCHW, a slow kernel; the runner turns that optimizer off."""
     import json
     from pathlib import Path
 
     import onnx
 
     from edge_compress.backends.ort import OrtRunner
-    from edge_compress.quant import QuantConfig, calibrate
     from edge_compress.quant.qdq import float_neighbours, quantize_onnx
 
-    torch.manual_seed(0)
-    model = create_detector("yolo_tiny", num_classes=3, input_size=64, width_mult=0.25).eval()
-    fp32 = export_onnx(model, tmp_path / "fp32.onnx")
-    x = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
-    table = calibrate(fp32, [x], QuantConfig(calibrator="minmax"))
+    fp32, x, table = tiny_fp32
     g = onnx.load(str(fp32))
     convs = [n.name for n in g.graph.node if n.op_type == "Conv"]
     kept = convs[2]                           # backbone.stage3.conv1: one input of the Concat before the pool
