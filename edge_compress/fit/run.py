@@ -226,6 +226,9 @@ class FitRun:
         int8 = self.space.uniform(0.0, True)
         if self.space.precision_layers:
             self._measure([int8], "baselines", per_layer=True)
+        # measured again where an earlier fit measured them without the profile
+        self._measure([c for c in self._pruned_profiles() if self._profiled_ms(c) is None], "baselines",
+                      force=True, per_layer=True)
         self._measure([self.space.smallest()], "baselines")
         floor = self._latest(self.space.smallest())
         if floor is None:
@@ -233,31 +236,48 @@ class FitRun:
         self._check_floor(floor)
         self._layer_costs(base, int8)
 
+    def _pruned_profiles(self) -> list[Candidate]:
+        """The uniformly pruned candidates (the space's ratio nearest 0.5, fp32 and int8) whose per-layer
+        profiles give each conv's second point in ``LayerCosts``: how its time falls with its MACs."""
+        pruned = [r for r in self.space.ratios if r > 0]
+        if not pruned:
+            return []
+        mid = min(pruned, key=lambda r: abs(r - 0.5))
+        return list(dict.fromkeys(self.space.uniform(mid, int8) for int8 in (False, True)))
+
     def _profiled_ms(self, c: Candidate) -> dict[str, float] | None:
-        """Each conv's kernel ms in the per-layer profile of ``c``'s latest measurement (None: none there)."""
-        m = self._latest(c)
-        if m is None or not m.get("record") or not Path(m["record"]).is_file():
-            return None
-        per_layer = json.loads(Path(m["record"]).read_text()).get("per_layer") or {}
-        found = profiled_conv_ms(per_layer, self.space.conv_profile_names) if per_layer.get("layers") else {}
-        return found or None
+        """Each conv's kernel ms in the per-layer profile of ``c``'s latest measurement that has one (None:
+        none has)."""
+        for m in reversed([m for m in self.state.valid() if m["key"] == c.key()]):
+            if not m.get("record") or not Path(m["record"]).is_file():
+                continue
+            per_layer = json.loads(Path(m["record"]).read_text()).get("per_layer") or {}
+            found = profiled_conv_ms(per_layer, self.space.conv_profile_names) if per_layer.get("layers") else {}
+            if found:
+                return found
+        return None
 
     def _layer_costs(self, base: Candidate, int8: Candidate) -> None:
-        """The latency model weighs each conv's MACs by its profiled ms per MAC (``LayerCosts``) where the
-        runtime's per-layer profiles of the unpruned model are there; else by kind (dense, 1x1, depthwise)."""
+        """The latency model weighs each conv by its profiled time (``LayerCosts``) where the runtime's
+        per-layer profiles of the unpruned model are there (and of a pruned one: how that time falls with the
+        MACs kept); else by kind (dense, 1x1, depthwise)."""
         profiles = {("int8" if self.space.any_int8(c) else "fp32"): ms for c in (base, int8)
                     if (ms := self._profiled_ms(c))}
+        pruned = {("int8" if self.space.any_int8(c) else "fp32"): (ms, {r.name: r.macs for r in self.space.layers(c)})
+                  for c in self._pruned_profiles() if (ms := self._profiled_ms(c))}
         if not profiles:
             self.costs = None
             self.log("latency model: no per-layer profile from the device; conv costs by kind (dense, 1x1, "
                      "depthwise) instead of by layer")
             return
-        self.costs = LayerCosts.from_profiles(profiles, {n: self.space.full_macs(n) for n in self.space.convs})
+        self.costs = LayerCosts.from_profiles(profiles, {n: self.space.full_macs(n) for n in self.space.convs}, pruned)
         missing = [p for p in self.precisions if p not in profiles]
         self.log("latency model: per-layer costs from the runtime's profile of "
                  + " and ".join(f"{p} ({len(ms)} of {len(self.space.convs)} convs)" for p, ms in profiles.items())
                  + (f"; {' and '.join(missing)} costs scaled from it (no {' or '.join(missing)} baseline with a "
-                    "per-layer profile here)" if missing else ""))
+                    "per-layer profile here)" if missing else "")
+                 + (f"; pruned: {', '.join(f'{p} ({len(v)} convs)' for p, v in self.costs.pruned.items())}"
+                    if self.costs.pruned else "; no pruned profile: conv times proportional to the MACs kept"))
 
     def _set_environment(self, env: dict[str, Any]) -> None:
         """Measurements of another environment (runtime version, device settings, threads) go stale."""
@@ -435,9 +455,11 @@ class FitRun:
 
     def _heldout(self, key: str) -> bool:
         """A fixed ``holdout`` share of the candidates, by key; never the baselines (fp32, int8 everywhere,
-        the floor): every fit measures them, and a model fitted without its only fp32 candidate has nothing
-        to learn fp32 costs from (ONNX Runtime, yolo_tiny: the fp32 model predicted at 4.6 ms, measured 10.3)."""
-        anchors = {c.key() for c in (self.space.baseline(), self.space.uniform(0.0, True), self.space.smallest())}
+        the floor, the pruned profiles): every fit measures them, and a model fitted without its only fp32
+        candidate has nothing to learn fp32 costs from (ONNX Runtime, yolo_tiny: the fp32 model predicted at
+        4.6 ms, measured 10.3); the pruned profiles are in every candidate's features (``LayerCosts``)."""
+        anchors = {c.key() for c in (self.space.baseline(), self.space.uniform(0.0, True), self.space.smallest(),
+                                     *self._pruned_profiles())}
         return key not in anchors and int(key[:8], 16) % 1000 < self.config.holdout * 1000
 
     def _measure(self, cands: list[Candidate], label: str, force: bool = False, per_layer: bool = False,

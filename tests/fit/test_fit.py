@@ -141,6 +141,16 @@ def test_report_and_result_json(finished):
     assert coef["features"][1:3] == ["profiled_ms[fp32]", "profiled_ms[int8]"]
     n_convs = len(data["layers"])
     assert coef["layer_costs"]["profiled"]["fp32"] == n_convs and coef["layer_costs"]["profiled"]["int8"] > 0
+    # and each pruned conv's second point, from the uniformly pruned candidates' profiles (never held out)
+    pruned = coef["layer_costs"]["pruned"]
+    assert set(pruned) == {"fp32", "int8"} and len(pruned["fp32"]) > n_convs // 2
+    full = coef["layer_costs"]["full_macs"]
+    assert all(0 < macs < full[conv] and ms > 0 for pts in pruned.values() for conv, (macs, ms) in pts.items())
+    state = json.loads((res.out / STATE).read_text())
+    profiled = [m for m in state["measurements"] if len(set(m.get("candidate", {}).get("ratios", []))) == 1
+                and m["candidate"]["ratios"][0] == 0.5 and len(set(m["candidate"]["int8"])) == 1]
+    assert len({tuple(m["candidate"]["int8"]) for m in profiled}) == 2
+    assert not {m["key"] for m in profiled} & {h["key"] for h in lm["heldout"]}
     assert len(data["layers"]) == len(res.result["layers"]) > 5
     assert {b["name"] for b in data["baselines"]} >= {"fp32", "int8 everywhere", "smallest (floor)"}
 
@@ -317,12 +327,12 @@ def test_a_batch_measured_in_a_slow_phase_counts_at_the_typical_speed(tiny_check
 
     monkeypatch.setattr(run_mod.FitRun, "_on_device", on_device)
     res, lines = _fit(tiny_checkpoint, tiny_synth, tmp_path / "out", devices, tmp_path / "profiles",
-                      budget_ms=1000.0, check_candidates=0, max_measurements=9)
+                      budget_ms=1000.0, check_candidates=0, initial_samples=4, max_measurements=10)
     slow_keys = [keys for keys, f in batches if f == 1.5]
     assert len(slow_keys) == 1 and len(batches) >= 3
     state = json.loads((res.out / STATE).read_text())
-    run = run_mod.FitRun(tiny_checkpoint, tiny_synth, FitConfig(**{**SMALL, "budget_ms": 1000.0,
-                                                                    "check_candidates": 0, "max_measurements": 9}),
+    run = run_mod.FitRun(tiny_checkpoint, tiny_synth, FitConfig(**{**SMALL, "budget_ms": 1000.0, "check_candidates": 0,
+                                                                    "initial_samples": 4, "max_measurements": 10}),
                          res.out, "local", "onnxruntime", devices, tmp_path / "profiles", lambda s: None)
     seen = 0
     for m in state["measurements"]:

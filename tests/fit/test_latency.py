@@ -1,6 +1,7 @@
 """The latency model: per-layer cost terms fitted by NNLS on relative error, its held-out report,
 adaptive sampling and the environment key."""
 
+import json
 import random
 
 import numpy as np
@@ -95,6 +96,29 @@ def test_layer_costs_fill_what_a_profile_misses():
     assert np.isclose(costs.ms_per_mac["fp32"]["c"], 0.5e-3 / 0.5)
     assert costs.profiled == {"fp32": 2, "int8": 2}
     assert LayerCosts.from_dict(costs.to_dict()) == costs
+
+
+def test_a_pruned_profile_gives_each_conv_its_line():
+    """With a second profiled point a conv's time is the line through (pruned MACs, ms) and (full MACs, ms),
+    not proportional to its MACs; below the pruned point the line goes on, never under the proportional
+    time of the cheaper point, flat where pruning was no faster; a conv without a second point (or one that
+    did not shrink) stays proportional."""
+    full = {"a": 1000, "b": 2000, "c": 1000, "d": 800}
+    costs = LayerCosts.from_profiles(
+        {"fp32": {"a": 1.0, "b": 4.0, "c": 0.2, "d": 0.4}, "int8": {"a": 0.5}}, full,
+        {"fp32": ({"a": 0.6, "b": 0.5, "c": 0.3, "d": 0.4}, {"a": 500, "b": 500, "c": 500, "d": 800})})
+    assert set(costs.pruned["fp32"]) == {"a", "b", "c"}             # d was not pruned: no second point
+    assert np.isclose(costs.ms("fp32", "a", 1000), 1.0) and np.isclose(costs.ms("fp32", "a", 500), 0.6)
+    assert np.isclose(costs.ms("fp32", "a", 750), 0.8)              # on the line, not 0.75
+    assert np.isclose(costs.ms("fp32", "a", 250), 0.4)              # extrapolated: 0.2 fixed + 0.0008 per MAC
+    # b: cheaper per MAC pruned (0.001 against 0.002): the line, then the floor at 0.001 per MAC
+    assert np.isclose(costs.ms("fp32", "b", 1250), 0.5 + 3.5 / 1500 * 750)
+    assert np.isclose(costs.ms("fp32", "b", 250), 0.25)
+    # c: the pruned profile was slower than the unpruned one: both points kept, flat below the pruned one
+    assert np.isclose(costs.ms("fp32", "c", 1000), 0.2) and np.isclose(costs.ms("fp32", "c", 750), 0.25)
+    assert np.isclose(costs.ms("fp32", "c", 500), 0.3) and np.isclose(costs.ms("fp32", "c", 250), 0.3)
+    assert np.isclose(costs.ms("fp32", "d", 400), 0.2) and np.isclose(costs.ms("int8", "a", 500), 0.25)
+    assert LayerCosts.from_dict(json.loads(json.dumps(costs.to_dict()))) == costs
 
 
 def test_profiled_features_weigh_each_conv_by_its_own_cost(space):
