@@ -142,8 +142,7 @@ def run_pair(fam: str, ckpt: Path, data: Path, backend: str, args, settings: dic
 
     # the fit's own space (quick mode searches ratios (0, 0.5) with every conv int8), so its fingerprint matches
     cfg = FitConfig(budget_ms=1.0, **{k: settings[k] for k in ("ratios", "precision") if k in settings})
-    space = SearchSpace(load_detector(ckpt), cfg.ratios, ("fp32", "int8"), cfg.round_to, cfg.min_channels,
-                        int8_everywhere=cfg.precision == "int8")
+    space = SearchSpace.for_config(load_detector(ckpt), cfg, ("fp32", "int8"))
     # tagged as the fit's own measurements of these candidates (same space, same build): its baselines
     tag = {"run": "bench", "space": space.fingerprint(), "build": CANDIDATE_BUILD}
 

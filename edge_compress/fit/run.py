@@ -108,8 +108,7 @@ class FitRun:
         self.device = get_device(device, devices_path)
         self.backend = backend
         self._preflight()
-        self.space = SearchSpace(self.model, config.ratios, self.precisions, config.round_to, config.min_channels,
-                                 int8_everywhere=config.precision == "int8")
+        self.space = SearchSpace.for_config(self.model, config, self.precisions)
         self.threads = config.threads or self.device.threads
         self.state = FitState.open(self.out, self._identity())
         own = self.out / "sensitivity.json"

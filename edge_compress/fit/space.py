@@ -145,6 +145,13 @@ class SearchSpace:
             for p in ps:
                 self.consumers.setdefault(p, set()).add(c)
 
+    @classmethod
+    def for_config(cls, model: nn.Module, config, precisions: tuple[str, ...]) -> "SearchSpace":
+        """The search space of a ``FitConfig`` (ratios, rounding, ``precision``) over ``precisions``, the
+        ones the backend takes."""
+        return cls(model, config.ratios, precisions, config.round_to, config.min_channels,
+                   int8_everywhere=config.precision == "int8")
+
     # ---- construction
 
     def _make_knobs(self, modules: dict[str, nn.Module], min_share: float) -> tuple[Knob, ...]:
