@@ -75,7 +75,7 @@ class LayerCosts:
 
     The unpruned model's profiles give each conv's time at its full MACs (``ms_per_mac``). A conv's time
     does not fall in proportion to the MACs pruning removes: ONNX Runtime's int8 stem kept 83% of its time
-    at half its MACs, its 80x80 3x3 convs in fp32 33% at a quarter (what stays is memory traffic, the
+    at half its MACs, yolo_tiny's stage3.conv1 in fp32 33% at a quarter (what stays is memory traffic, the
     requantisation and the call). So where a profile of a uniformly pruned model is there too
     (``pruned``: the conv's MACs and ms in it), a conv's time is the line through its two profiled points,
     extrapolated below the pruned one (flat where the pruned profile was the slower) and never under the
