@@ -295,7 +295,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", nargs="+", choices=["openvino", "onnxruntime"])
     ap.add_argument("--fractions", type=float, nargs="*", help="budgets int8 + f (fp32 - int8) (0.25 0.5 0.75)")
     ap.add_argument("--sensitivity", type=Path, help="a sensitivity.json of an earlier run of this family (reused)")
-    ap.add_argument("--below", type=float, nargs="*", help="budgets g * the faster of int8 and fp32 (default 0.7; quick: none)")
+    ap.add_argument("--below", type=float, nargs="*",
+                    help="budgets g * the faster of int8 and fp32 (default 0.7; quick: none)")
     ap.add_argument("--max-measurements", dest="max_measurements", type=int,
                     help="device measurements per fit (default 20; quick: 8)")
     ap.add_argument("--threads", type=int, default=1)
